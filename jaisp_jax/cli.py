@@ -1,0 +1,37 @@
+"""Command-line plumbing shared by the `python -m jaisp_jax...` entry points.
+
+User errors (bad files, bad flags) are reported as one readable line on stderr and
+a non-zero exit status, never as a traceback; programming errors still raise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+  """A problem with the user's input (a file, a flag, a folder), not with our code.
+
+  The message must name the offending file or flag and say what is wrong.
+  """
+
+
+# Exit statuses of the command-line tools.
+EXIT_OK = 0
+EXIT_INVALID_INPUT = 1   # the input was read and found bad (e.g. `check` found bad tiles)
+EXIT_USAGE = 2           # the command could not run (missing folder, bad flag value)
+
+
+def run(main: Callable[[Sequence[str] | None], int | None],
+        argv: Sequence[str] | None = None, prog: str = 'jaisp_jax') -> int:
+  """Runs `main(argv)`, turning `UserError` into a one-line message and exit 2."""
+  try:
+    status = main(argv)
+  except UserError as e:
+    print(f'{prog}: error: {e}', file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print(f'{prog}: interrupted', file=sys.stderr)
+    return 130
+  return EXIT_OK if status is None else int(status)
