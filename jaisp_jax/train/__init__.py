@@ -1,0 +1,1 @@
+"""Training system: train state, sharding, step, loop, checkpoints."""
