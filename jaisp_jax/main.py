@@ -1,0 +1,95 @@
+r"""Entry point: parses flags and calls the library. Nothing else lives here.
+
+    python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir=runs/smoke
+    python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir=runs/smoke --mode=evaluate
+    python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir=runs/smoke \
+        --mode=export --export_dir=runs/smoke/export
+
+Any config field can be overridden with `--config.<field>=<value>`; a misspelt
+field fails with the list of valid keys (configs are locked). Training resumes from
+the latest checkpoint in --workdir.
+
+Multi-process: on TPU pods and SLURM, `--distributed=auto` (the default) lets
+`jax.distributed.initialize()` find its peers from the environment. Elsewhere (e.g.
+several CPU processes on one machine) pass --coordinator_address, --num_processes
+and --process_id; CPU processes then use gloo collectives.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaisp_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file[:arg], e.g. configs/jepa.py:smoke.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard, eval.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'], 'What to do.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Where --mode=export writes the bundle.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'auto: initialise jax.distributed when a coordinator is given or a cluster '
+    '(TPU pod, SLURM) is detected; on: always; off: never.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  return ('SLURM_NTASKS' in env and int(env.get('SLURM_NTASKS', '1')) > 1) or \
+      'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  wanted = _DISTRIBUTED.value == 'on' or (
+      _DISTRIBUTED.value == 'auto' and (_COORDINATOR.value or _cluster_detected()))
+  if not wanted:
+    return
+  if _COORDINATOR.value and jax.config.jax_platforms in (None, '', 'cpu'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
+def _main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    raise cli.UserError('--config is required, e.g. --config=configs/jepa.py:smoke')
+  if not _WORKDIR.value:
+    raise cli.UserError('--workdir is required')
+  _init_distributed()
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  if _MODE.value == 'train':
+    from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
+    loop.train_and_evaluate(config, workdir)
+  elif _MODE.value == 'evaluate':
+    from jaisp_jax.evaluate import suite  # pylint: disable=g-import-not-at-top
+    suite.evaluate(config, workdir)
+  else:
+    if not _EXPORT_DIR.value:
+      raise cli.UserError('--mode=export needs --export_dir')
+    from jaisp_jax.train import export  # pylint: disable=g-import-not-at-top
+    export.export(config, workdir, _EXPORT_DIR.value)
+
+
+def main():
+  def run(argv):
+    try:
+      _main(argv)
+    except cli.UserError as e:
+      print(f'jaisp_jax.main: error: {e}', file=sys.stderr)
+      sys.exit(cli.EXIT_USAGE)
+  app.run(run)
+
+
+if __name__ == '__main__':
+  main()
