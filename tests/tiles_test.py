@@ -125,6 +125,16 @@ def test_off_by_one_is_cropped_to_exactly_twice_and_noted(tmp_path, euclid_size,
     tiles.read_tile_pair(files, size_tolerance=0)
 
 
+def test_rectangular_tiles_are_checked_per_axis(tmp_path):
+  r = write_npz(tmp_path / 'r' / 't.npz', *(a[:, :H, :] for a in arrays(6, 20)))
+  e = write_npz(tmp_path / 'e' / 't.npz', *(a[:, :2 * H + 1, :40] for a in arrays(4, 40)))
+  pair = tiles.read_tile_pair(tiles.TileFiles('t', {'rubin': r, 'euclid': e}))
+  assert pair['rubin'].shape == (H, 20) and pair['euclid'].shape == (2 * H, 40)
+  bad = write_npz(tmp_path / 'b' / 't.npz', *(a[:, :2 * H, :38] for a in arrays(4, 40)))
+  with pytest.raises(TileError, match=f'expected 2x that = {2 * H}x40 px'):
+    tiles.read_tile_pair(tiles.TileFiles('t', {'rubin': r, 'euclid': bad}))
+
+
 def test_size_ratio_comes_from_the_registry(tmp_path):
   reg = bands.BandRegistry.from_dicts(bands.DEFAULT_BANDS + [
       dict(name='hst_f606w', instrument='hst', pixel_scale=0.05, wavelength_nm=590.0, index=0)])
@@ -309,11 +319,13 @@ def test_non_numeric_dtype_and_bare_npy(tmp_path):
 # -- FITS and WCS ------------------------------------------------------------------
 
 
-def test_fits_cube_layout_keeps_the_wcs(tmp_path):
+@pytest.mark.parametrize('suffix', ['.fits', '.fits.gz'])
+def test_fits_cube_layout_keeps_the_wcs(tmp_path, suffix):
   image, rms = arrays(6, H)
   image[0, 0, 0] = np.nan
   header = make_wcs(0.2, H).to_header()
-  path = tmp_path / 't.fits'
+  path = tmp_path / f't{suffix}'
+  assert tiles.tile_name(path) == 't'
   fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(image, header, name='SCI'),
                 fits.ImageHDU(rms, name='ERR')]).writeto(path)
   tile = tiles.read_tile(path, 'rubin')

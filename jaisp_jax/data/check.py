@@ -32,11 +32,18 @@ from jaisp_jax.bands import BandRegistry, default_registry
 from jaisp_jax.data import tiles as tiles_lib
 from jaisp_jax.data.tiles import TileError
 
-# Log10(rms) histogram used for the streaming median: bins of 0.001 dex centred on
-# multiples of 0.001 (so the median is within 0.12%), over 1e-12 .. 1e12, which spans
-# any flux unit in use.
-_LOG_LO, _LOG_HI, _LOG_BIN = -12.0, 12.0, 0.001
-_N_BINS = int(round((_LOG_HI - _LOG_LO) / _LOG_BIN))
+# Streaming median of rms: a histogram over the bit patterns of positive float32
+# values (monotonic in value), keeping the exponent and the top 9 mantissa bits. Bins
+# are 0.2% wide, so the median is exact to 0.1%, over the whole float32 range, with
+# integer work only (no log).
+_HIST_SHIFT = 14
+_N_BINS = 1 << (31 - _HIST_SHIFT)
+
+
+def _bin_value(i: np.ndarray) -> np.ndarray:
+  """The float32 value at the centre of histogram bins `i`."""
+  bits = (np.asarray(i, np.int64) << _HIST_SHIFT) | (1 << (_HIST_SHIFT - 1))
+  return bits.astype(np.int32).view(np.float32)
 
 
 @dataclasses.dataclass
@@ -53,27 +60,28 @@ class BandStats:
   rms_hist: np.ndarray = dataclasses.field(
       default_factory=lambda: np.zeros(_N_BINS, np.int64), repr=False)
 
-  def add(self, tile: tiles_lib.InstrumentTile, c: int) -> None:
+  def add(self, tile: tiles_lib.InstrumentTile, c: int, n_masked: int,
+          rms_hist: np.ndarray | None, first_bin: int) -> None:
+    """Adds band `c` of `tile`, given its masked-pixel count and the histogram of its
+    valid rms values over bins first_bin, first_bin + 1, ..."""
     self.n_tiles += 1
     self.n_pixels += tile.shape[0] * tile.shape[1]
     self.n_bad_image += int(tile.n_bad_image[c])
     self.n_bad_rms += int(tile.n_bad_rms[c])
-    self.n_masked += int(tile.n_masked[c])
+    self.n_masked += n_masked
     self.n_tiles_missing += int(not tile.band_valid[c])
-    rms = tile.rms[c][tile.valid[c]]
-    if rms.size:
-      idx = np.floor((np.log10(rms) - _LOG_LO) / _LOG_BIN + 0.5).astype(np.int64)
-      self.rms_hist += np.bincount(np.clip(idx, 0, _N_BINS - 1), minlength=_N_BINS)
+    if rms_hist is not None:
+      self.rms_hist[first_bin:first_bin + rms_hist.size] += rms_hist
 
   def median_rms(self) -> float:
-    """Median of the valid rms pixels (to 0.12%), NaN when there are none."""
+    """Median of the valid rms pixels (to 0.1%), NaN when there are none."""
     total = self.rms_hist.sum()
     if not total:
       return float('nan')
     # Bins holding the two middle values (0-based ranks), as np.median averages them.
     cum = np.cumsum(self.rms_hist)
-    lo, hi = np.searchsorted(cum, [(total - 1) // 2 + 1, total // 2 + 1])
-    return float(10 ** (_LOG_LO + (lo + hi) / 2 * _LOG_BIN))
+    mid = _bin_value(np.searchsorted(cum, [(total - 1) // 2 + 1, total // 2 + 1]))
+    return float(np.sqrt(np.float64(mid[0]) * mid[1]))
 
 
 @dataclasses.dataclass
@@ -94,8 +102,15 @@ class InstrumentStats:
     self.n_with_wcs += tile.wcs is not None
     self.shapes[(tile.n_bands,) + tile.shape] += 1
     self.dtypes[tile.source_dtype] += 1
+    n_masked = tile.n_masked
+    bins = tile.rms.view(np.int32) >> _HIST_SHIFT          # (C, H, W); rms > 0 where valid
     for c, band in enumerate(self.bands):
-      band.add(tile, c)
+      b = bins[c][tile.valid[c]]
+      hist, lo = None, 0
+      if b.size:   # a short bincount over the band's own range of bins
+        lo = int(b.min())
+        hist = np.bincount(b - lo)
+      band.add(tile, c, int(n_masked[c]), hist, lo)
 
 
 @dataclasses.dataclass

@@ -144,7 +144,10 @@ class InstrumentTile:
     return tuple(n for n, ok in zip(self.band_names, self.band_valid) if ok)
 
   def crop(self, y0: int, x0: int, height: int, width: int) -> 'InstrumentTile':
-    """The sub-tile [y0:y0+height, x0:x0+width], WCS shifted to match."""
+    """The sub-tile [y0:y0+height, x0:x0+width], WCS shifted to match.
+
+    `band_valid` is recomputed; `n_bad_image`/`n_bad_rms` still count the file as read.
+    """
     h, w = self.shape
     if not (0 <= y0 and 0 <= x0 and height >= 1 and width >= 1
             and y0 + height <= h and x0 + width <= w):
