@@ -6,6 +6,7 @@ a non-zero exit status, never as a traceback; programming errors still raise.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -34,4 +35,9 @@ def run(main: Callable[[Sequence[str] | None], int | None],
   except KeyboardInterrupt:
     print(f'{prog}: interrupted', file=sys.stderr)
     return 130
+  except BrokenPipeError:
+    # Output piped into a reader that quit early (`... | head`): not an error of ours.
+    # Point stdout at devnull so the interpreter's final flush does not raise again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
   return EXIT_OK if status is None else int(status)
