@@ -53,16 +53,23 @@ def band_scales(image: np.ndarray, rms: np.ndarray) -> np.ndarray:
   return out
 
 
-def band_validity(part: Mapping[str, np.ndarray], min_valid_fraction: float = 0.5) -> np.ndarray:
-  """(n_bands,) bool: flagged valid and at least `min_valid_fraction` usable pixels."""
+def band_validity(part: Mapping[str, np.ndarray],
+                  min_valid_fraction: float | None = 0.5) -> np.ndarray:
+  """(n_bands,) bool: flagged valid and at least `min_valid_fraction` usable pixels.
+
+  `min_valid_fraction=None` trusts the `band_valid` flags (records of the TFDS
+  dataset carry flags computed over the chip at build time; no pixel pass needed).
+  """
   image, rms = part['image'], part['rms']
   flag = np.asarray(part.get('band_valid', np.ones(image.shape[0], bool)), bool)
+  if min_valid_fraction is None:
+    return flag
   frac = valid_pixels(image, rms).reshape(image.shape[0], -1).mean(axis=1)
   return flag & (frac >= min_valid_fraction) & (frac > 0)
 
 
 def chip_band_valid(chip: Mapping, registry: bands_lib.BandRegistry,
-                    min_valid_fraction: float = 0.5) -> np.ndarray:
+                    min_valid_fraction: float | None = 0.5) -> np.ndarray:
   """(len(registry),) bool over registry band ids; instruments absent = invalid."""
   out = np.zeros(len(registry), bool)
   for inst, part in chip.items():
@@ -198,7 +205,7 @@ def make_pair(chip: Mapping, registry: bands_lib.BandRegistry, band_a: int, band
 
 
 def make_chip_sample(chip: Mapping, registry: bands_lib.BandRegistry, geom: Geometry,
-                     min_valid_fraction: float = 0.5) -> dict:
+                     min_valid_fraction: float | None = 0.5) -> dict:
   """One element of `batch['chips']`: every band of every instrument, normalised."""
   valid = chip_band_valid(chip, registry, min_valid_fraction)
   out = {}

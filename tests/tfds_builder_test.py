@@ -1,0 +1,188 @@
+"""TFDS chip dataset: read back equals input, split by sky region, atomic, clear errors."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaisp_jax import bands
+from jaisp_jax.cli import UserError
+from jaisp_jax.data import build as build_cli
+from jaisp_jax.data import tfds_builder
+
+REG = bands.default_registry()
+CHIP = 16  # Rubin px; Euclid 32
+
+
+def _write_tiles(root, tiles):
+  """Seed layout: root/rubin, root/euclid with tile_<name>.npz holding image and rms."""
+  dirs = {inst: root / inst for inst in ('rubin', 'euclid')}
+  for d in dirs.values():
+    d.mkdir(parents=True, exist_ok=True)
+  for name, parts in tiles.items():
+    for inst, (image, rms) in parts.items():
+      np.savez(dirs[inst] / f'{name}.npz', image=image, rms=rms)
+  return {k: str(v) for k, v in dirs.items()}
+
+
+def _random_tile(rng, size=32, scale=1.0):
+  out = {}
+  for inst, f in (('rubin', 1), ('euclid', 2)):
+    nb = REG.n_bands(inst)
+    rms = rng.uniform(0.5, 2.0, size=(nb, 1, 1)).astype(np.float32) * scale
+    rms = np.broadcast_to(rms, (nb, size * f, size * f)).copy()
+    out[inst] = ((rms * rng.standard_normal(rms.shape)).astype(np.float32), rms)
+  return out
+
+
+def _read_split(data_dir, name, split):
+  src = tfds.data_source(name, split=split, data_dir=str(data_dir), download=False)
+  return [src[i] for i in range(len(src))]
+
+
+def test_seed_layout_build_reads_back_equal_to_input(tmp_path):
+  rng = np.random.default_rng(0)
+  tiles = {f'tile_{i}': _random_tile(rng) for i in range(4)}
+  # Defects: NaN pixels, and a band masked over a whole chip (rows 0-15, cols 0-15).
+  tiles['tile_1']['rubin'][0][2, 3, 4] = np.nan
+  tiles['tile_2']['euclid'][1][1, :32, :32] = 0.0
+  dirs = _write_tiles(tmp_path / 'tiles', tiles)
+  options = tfds_builder.ChipOptions(chip_px=CHIP, val_fraction=0.25)
+  report = tfds_builder.build_dataset(dirs, tmp_path / 'd', 'chips', REG, options,
+                                      progress=False)
+  assert report.n_ok == 4 and sum(report.n_chips.values()) == 16
+  assert set(report.n_chips) == {'train', 'validation'}
+  records = (_read_split(tmp_path / 'd', 'chips', 'train')
+             + _read_split(tmp_path / 'd', 'chips', 'validation'))
+  assert len(records) == 16 and len({r['id'] for r in records}) == 16
+  for rec in records:
+    tile = tiles[rec['tile'].decode()]
+    y0, x0 = rec['origin']
+    for inst, f in (('rubin', 1), ('euclid', 2)):
+      image, rms = tile[inst]
+      sl = (slice(None), slice(y0 * f, (y0 + CHIP) * f), slice(x0 * f, (x0 + CHIP) * f))
+      want_image = np.nan_to_num(image[sl], nan=0.0)
+      want_rms = np.where(np.isfinite(image[sl]) & (rms[sl] > 0), rms[sl], 0.0)
+      got = rec['instruments'][inst]
+      np.testing.assert_array_equal(got['image'], np.where(want_rms > 0, want_image, 0.0))
+      np.testing.assert_array_equal(got['rms'], want_rms)
+      valid = want_rms > 0
+      np.testing.assert_array_equal(got['band_valid'], valid.mean(axis=(1, 2)) >= 0.5)
+      for c in range(len(valid)):
+        if valid[c].any():
+          assert got['rms_scale'][c] == pytest.approx(np.median(want_rms[c][valid[c]]))
+      assert [b.decode() for b in got['band_names']] == [b.name for b in REG.instrument_bands(inst)]
+      assert got['pixel_scale'] == pytest.approx(REG.pixel_scale(inst))
+    assert np.isnan(rec['sky']).all() and len(rec['truth_rows']) == 0
+  masked = [r for r in records if r['tile'] == b'tile_2' and tuple(r['origin']) == (0, 0)]
+  assert not masked[0]['instruments']['euclid']['band_valid'][1]
+  meta = tfds_builder.read_metadata(tmp_path / 'd', 'chips')
+  assert bands.BandRegistry.from_dicts(meta['registry']) == REG and meta['chip_px'] == CHIP
+
+
+def test_overlapping_tiles_never_straddle_the_split(tmp_path):
+  rng = np.random.default_rng(1)
+  # Tiles cut from one mosaic with overlaps (pixel-identical where they overlap).
+  mosaic = {inst: rng.standard_normal((REG.n_bands(inst), 32 * f, 320 * f)).astype(np.float32)
+            for inst, f in (('rubin', 1), ('euclid', 2))}
+  starts = {'t0': 0, 't1': 20, 't2': 40, 't3': 100, 't4': 120, 't5': 200, 't6': 280}
+  tiles = {}
+  for name, x in starts.items():
+    tiles[name] = {inst: (m[:, :, x * f:(x + 32) * f], np.ones_like(m[:, :, x * f:(x + 32) * f]))
+                   for (inst, m), f in zip(mosaic.items(), (1, 2))}
+  dirs = _write_tiles(tmp_path / 'tiles', tiles)
+  options = tfds_builder.ChipOptions(chip_px=CHIP, val_fraction=0.4, split_seed=5)
+  tfds_builder.build_dataset(dirs, tmp_path / 'd', 'ov', REG, options, progress=False)
+  side = {}
+  for split in ('train', 'validation'):
+    for rec in _read_split(tmp_path / 'd', 'ov', split):
+      side.setdefault(rec['tile'].decode(), set()).add(split)
+  assert all(len(s) == 1 for s in side.values())
+  groups = [('t0', 't1', 't2'), ('t3', 't4')]  # chains of overlapping tiles
+  for group in groups:
+    assert len({next(iter(side[t])) for t in group}) == 1, group
+  assert {next(iter(s)) for s in side.values()} == {'train', 'validation'}
+
+
+def _bad_folder(tmp_path):
+  rng = np.random.default_rng(2)
+  tiles = {f'tile_{i}': _random_tile(rng) for i in range(3)}
+  dirs = _write_tiles(tmp_path / 'tiles', tiles)
+  (pathlib.Path(dirs['rubin']) / 'tile_1.npz').write_bytes(b'PK\x03\x04 truncated')
+  img, rms = tiles['tile_2']['euclid']
+  np.savez(pathlib.Path(dirs['euclid']) / 'tile_2.npz', image=img[:3], rms=rms[:3])
+  return dirs
+
+
+def test_bad_tiles_fail_with_validator_messages_or_are_skipped_on_request(tmp_path, capsys):
+  dirs = _bad_folder(tmp_path)
+  argv = ['--rubin-dir', dirs['rubin'], '--euclid-dir', dirs['euclid'],
+          '--data-dir', str(tmp_path / 'd'), '--chip-px', str(CHIP), '--no-progress']
+  assert build_cli.main(argv) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert any('tile_1.npz' in l and 'corrupted' in l for l in err)
+  assert any('tile_2.npz' in l and 'band(s), expected 4' in l for l in err)
+  assert '2 invalid tile file(s)' in err[-1]
+  assert not (tmp_path / 'd' / tfds_builder.DEFAULT_NAME).exists()
+  assert build_cli.main(argv + ['--skip-invalid']) == 0
+  out = capsys.readouterr().out
+  assert '1 of 3 tile pair(s) used, 2 invalid skipped' in out
+  assert len(_read_split(tmp_path / 'd', tfds_builder.DEFAULT_NAME, 'train')) == 4
+  with pytest.raises(UserError, match='already built'):
+    build_cli.main(argv + ['--skip-invalid'])
+  assert build_cli.main(argv + ['--skip-invalid', '--overwrite']) == 0
+
+
+_SLOW_BUILD = textwrap.dedent('''
+    import sys, time
+    from jaisp_jax.data import build, tfds_builder
+    original = tfds_builder.chip_records
+    def slow(*args, **kwargs):
+      for item in original(*args, **kwargs):
+        time.sleep(0.5)  # a long build, so the test can kill it while it writes
+        yield item
+    tfds_builder.chip_records = slow
+    sys.exit(build.main(sys.argv[1:]))
+''')
+
+
+def test_killed_build_leaves_nothing_that_looks_complete(tmp_path):
+  rng = np.random.default_rng(3)
+  dirs = _write_tiles(tmp_path / 'tiles', {f'tile_{i}': _random_tile(rng) for i in range(4)})
+  data_dir = tmp_path / 'd'
+  argv = ['--rubin-dir', dirs['rubin'], '--euclid-dir', dirs['euclid'], '--data-dir',
+          str(data_dir), '--name', 'k', '--chip-px', str(CHIP), '--no-progress']
+  proc = subprocess.Popen([sys.executable, '-c', _SLOW_BUILD] + argv,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(data_dir.glob('.k-building-*/k/*')):
+      time.sleep(0.1)
+    assert list(data_dir.glob('.k-building-*/k/*')), 'the build never started writing'
+    time.sleep(1.0)  # in the middle of writing records
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert not (data_dir / 'k').exists()
+  with pytest.raises(UserError, match='no dataset here'):
+    tfds_builder.read_metadata(data_dir, 'k')
+  with pytest.raises(Exception):
+    tfds.data_source('k', split='train', data_dir=str(data_dir), download=False)
+  # A new build succeeds and clears the dead build's scratch folder.
+  assert build_cli.main(argv) == 0
+  assert not list(data_dir.glob('.k-building-*'))
+  assert len(_read_split(data_dir, 'k', 'train')) > 0
+
+
+def test_chip_origins_cover_the_tile_flush_to_the_edges():
+  assert tfds_builder.chip_origins(40, 16, 16, 16) == [(0, 0), (16, 0), (24, 0)]
+  assert tfds_builder.chip_origins(10, 40, 16, 16) == []
+  assert tfds_builder.chip_origins(32, 32, 16, 8) == [
+      (y, x) for y in (0, 8, 16) for x in (0, 8, 16)]
