@@ -355,17 +355,18 @@ class GlobalBatchIterator(grain.DatasetIterator):
 
 def make_iterator(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
                   sharding, *, split: str | None = None, num_epochs: int | None = None,
-                  shuffle: bool = True) -> GlobalBatchIterator:
+                  shuffle: bool = True, source=None) -> GlobalBatchIterator:
   """Iterator of global batches for this process (jax.process_index / process_count).
 
   Args:
     sharding: a NamedSharding whose leading axis is the batch axis (e.g.
       `jaisp_jax.train.sharding.batch_sharding(mesh)`).
+    split, num_epochs, shuffle, source: as in `make_dataset`.
   """
   import jax
   ds = make_dataset(config, registry, data_parallel=data_parallel_size(sharding),
                     shard_index=jax.process_index(), shard_count=jax.process_count(),
-                    split=split, num_epochs=num_epochs, shuffle=shuffle)
+                    split=split, num_epochs=num_epochs, shuffle=shuffle, source=source)
   return GlobalBatchIterator(iter(ds), sharding)
 
 
