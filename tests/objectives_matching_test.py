@@ -1,0 +1,122 @@
+"""linear_sum_assignment: scipy's optimum and output contract, under jit and vmap."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from jaisp_jax.objectives import matching
+
+# (n, m) shapes: square, wide (n < m), tall (n > m), degenerate single row/column.
+SHAPES = [(1, 6), (6, 1), (5, 5), (8, 8), (4, 9), (12, 12), (11, 7)]
+PER_SHAPE = 75  # 525 matrices in all
+
+
+def _random_costs(rng, n, m, count):
+  """A third continuous, a third small integers (many ties), a third repeated values."""
+  k = count // 3
+  cont = rng.normal(size=(k, n, m)) * rng.uniform(0.1, 100.0, size=(k, 1, 1))
+  ints = rng.integers(-3, 4, size=(k, n, m)).astype(np.float64)
+  rep = rng.choice([0.0, 0.25, 1.0], size=(count - 2 * k, n, m))
+  return np.concatenate([cont, ints, rep]).astype(np.float32)
+
+
+def _check_contract(cost, rows, cols):
+  n, m = cost.shape
+  k = min(n, m)
+  assert rows.shape == cols.shape == (k,)
+  assert np.all(np.diff(rows) > 0), rows  # sorted, distinct
+  assert len(set(cols.tolist())) == k  # distinct columns
+  assert rows.min() >= 0 and rows.max() < n and cols.min() >= 0 and cols.max() < m
+  if n <= m:
+    np.testing.assert_array_equal(rows, np.arange(n))
+
+
+@pytest.mark.parametrize('n,m', SHAPES)
+def test_vmapped_jit_matches_scipy_optimal_cost(n, m):
+  rng = np.random.default_rng(1000 * n + m)
+  costs = _random_costs(rng, n, m, PER_SHAPE)  # (K, n, m)
+  solve = jax.jit(jax.vmap(matching.linear_sum_assignment))
+  rows, cols = map(np.asarray, solve(jnp.asarray(costs)))
+  assert rows.dtype == np.int32 and cols.dtype == np.int32
+  for c, r, cc in zip(costs, rows, cols):
+    _check_contract(c, r, cc)
+    sr, sc = scipy.optimize.linear_sum_assignment(c.astype(np.float64))
+    want = c.astype(np.float64)[sr, sc].sum()
+    got = c.astype(np.float64)[r, cc].sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(c).max())
+
+
+def test_integer_costs_unbatched_jit_exact():
+  rng = np.random.default_rng(7)
+  solve = jax.jit(matching.linear_sum_assignment)
+  for _ in range(20):
+    c = rng.integers(0, 50, size=(10, 13)).astype(np.int32)
+    for cost in (c, c.T):
+      r, cc = map(np.asarray, solve(jnp.asarray(cost)))
+      _check_contract(cost, r, cc)
+      sr, sc = scipy.optimize.linear_sum_assignment(cost)
+      assert cost[r, cc].sum() == cost[sr, sc].sum()
+
+
+def test_leading_batch_axes_equal_vmap_and_unique_optimum_equals_scipy_pairs():
+  # Continuous random costs have a unique optimum: the pairs themselves must agree.
+  rng = np.random.default_rng(3)
+  costs = rng.random((2, 3, 6, 9)).astype(np.float32)
+  rows, cols = map(np.asarray, jax.jit(matching.linear_sum_assignment)(costs))
+  assert rows.shape == cols.shape == (2, 3, 6)
+  single = jax.jit(matching.linear_sum_assignment)
+  for idx in np.ndindex(2, 3):
+    sr, sc = scipy.optimize.linear_sum_assignment(costs[idx])
+    np.testing.assert_array_equal(rows[idx], sr)
+    np.testing.assert_array_equal(cols[idx], sc)
+    r1, c1 = map(np.asarray, single(costs[idx]))
+    np.testing.assert_array_equal(c1, cols[idx])
+
+
+def test_maximize_and_forbidden_entries():
+  rng = np.random.default_rng(4)
+  c = rng.random((6, 8)).astype(np.float32)
+  solve_max = jax.jit(lambda x: matching.linear_sum_assignment(x, maximize=True))
+  r, cc = map(np.asarray, solve_max(c))
+  sr, sc = scipy.optimize.linear_sum_assignment(c, maximize=True)
+  np.testing.assert_allclose(c[r, cc].sum(), c[sr, sc].sum(), rtol=1e-6)
+  # +inf marks a forbidden pair (scipy's convention); a feasible optimum avoids them.
+  c = rng.random((7, 7)).astype(np.float32)
+  c[rng.random((7, 7)) < 0.4] = np.inf
+  np.fill_diagonal(c, 5.0)  # keeps the problem feasible
+  r, cc = map(np.asarray, jax.jit(matching.linear_sum_assignment)(c))
+  sr, sc = scipy.optimize.linear_sum_assignment(c)
+  assert np.all(np.isfinite(c[r, cc]))
+  np.testing.assert_allclose(c[r, cc].sum(), c[sr, sc].sum(), rtol=1e-6)
+
+
+def test_non_finite_costs_terminate_with_a_valid_assignment():
+  c = np.full((1, 1), np.inf, np.float32)
+  r, cc = map(np.asarray, jax.jit(matching.linear_sum_assignment)(c))
+  _check_contract(c, r, cc)
+  c = np.full((5, 5), np.nan, np.float32)
+  c[0, 0] = 1.0
+  r, cc = map(np.asarray, jax.jit(matching.linear_sum_assignment)(c))
+  _check_contract(c, r, cc)
+
+
+def test_no_host_callback_and_traced_once_for_many_batches():
+  calls = chex.assert_max_traces(n=1)(matching.linear_sum_assignment)
+  fn = jax.jit(calls)
+  rng = np.random.default_rng(5)
+  for _ in range(3):
+    jax.block_until_ready(fn(jnp.asarray(rng.random((4, 5, 5)), jnp.float32)))
+  jaxpr = str(jax.make_jaxpr(matching.linear_sum_assignment)(jnp.ones((2, 4, 4))))
+  assert 'callback' not in jaxpr
+
+
+def test_permutation_matrix():
+  rows = jnp.array([0, 1, 2])
+  cols = jnp.array([2, 0, 3])
+  p = np.asarray(matching.permutation_matrix(rows, cols, 3, 4))
+  want = np.zeros((3, 4))
+  want[[0, 1, 2], [2, 0, 3]] = 1
+  np.testing.assert_array_equal(p, want)
