@@ -30,6 +30,7 @@ hidden scratch folder (removed by the next build) and nothing that TFDS would lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -489,6 +490,33 @@ def _problem_lines(problems: Sequence[tiles_lib.TileError]) -> list[str]:
   return [f'{p}: {"; ".join(m)}' for p, m in by_path.items()]
 
 
+# array_record options of the written files. TFDS writes 'group_size:1' (zstd level 3),
+# which saves < 10% on float noise but makes every random read ~6x slower (9 ms vs
+# 1.5 ms for a 2.9 MB chip): chips are stored uncompressed.
+ARRAY_RECORD_OPTIONS = 'group_size:1,uncompressed'
+
+
+@contextlib.contextmanager
+def _uncompressed_array_records():
+  """Makes TFDS write array_record files with `ARRAY_RECORD_OPTIONS` (during a build)."""
+  from array_record.python import array_record_module
+  from tensorflow_datasets.core import file_adapters
+  adapter = file_adapters.ArrayRecordFileAdapter
+  original = adapter.__dict__['write_examples']
+
+  def write_examples(cls, path, iterator):
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), ARRAY_RECORD_OPTIONS)
+    for _, serialized in iterator:
+      writer.write(serialized)
+    writer.close()
+
+  adapter.write_examples = classmethod(write_examples)
+  try:
+    yield
+  finally:
+    adapter.write_examples = original
+
+
 def _write_atomically(data_dir: pathlib.Path, name: str, features,
                       split_examples: Mapping[str, Callable], metadata: dict,
                       overwrite: bool, extra_files: Mapping[str, str]) -> None:
@@ -501,7 +529,8 @@ def _write_atomically(data_dir: pathlib.Path, name: str, features,
     tfds.disable_progress_bar()
     builder = _builder_class()(name=name, features=features, split_examples=split_examples,
                                metadata=metadata, data_dir=str(scratch))
-    builder.download_and_prepare()
+    with _uncompressed_array_records():
+      builder.download_and_prepare()
     built = scratch / name / VERSION
     for fname, src in extra_files.items():
       shutil.copyfile(src, built / fname)
