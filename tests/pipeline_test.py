@@ -1,6 +1,8 @@
 """grain pipeline over a real TFDS dataset: static batches, determinism, resume, sharding."""
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -202,6 +204,27 @@ def test_eval_iterator_is_one_ordered_pass(data_dir):
   again = list(pipeline.make_dataset(c, REG, data_parallel=1, split='validation',
                                      num_epochs=1, shuffle=False))
   _assert_same(batches, again)
+
+
+def test_eval_gives_at_least_one_batch_from_few_chips(data_dir):
+  c = _config(data_dir, pairs_per_batch=64, min_pairs_per_combo=0, chips_per_batch=0)
+  assert len(pipeline.open_source(c, 'validation', REG)) < 64
+  batches = list(pipeline.make_dataset(c, REG, data_parallel=1, split='validation',
+                                       num_epochs=1, shuffle=False))
+  assert len(batches) == 1
+
+
+def test_a_jitted_consumer_traces_once_whatever_the_pair_mix(data_dir):
+  it = iter(pipeline.make_dataset(_config(data_dir), REG, data_parallel=4))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def consume(b):
+    return jax.tree.map(lambda x: x.astype(jnp.float32).sum(), b)
+
+  for b in _take(it, 6):
+    consume(b)
+  it.close()
 
 
 def test_normalised_views_have_unit_sky_noise(data_dir):

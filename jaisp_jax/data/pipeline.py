@@ -293,7 +293,8 @@ def make_dataset(config: ml_collections.ConfigDict, registry: bands_lib.BandRegi
     shard_index, shard_count: this process and the number of processes.
     split: defaults to `config.train_split`.
     num_epochs: None = endless (training); n = n passes over this shard's chips,
-      the last partial batch dropped.
+      the last partial batch dropped (but at least one batch: with fewer chips than
+      slots, chips repeat with other crops).
     shuffle: permute chips each epoch (False for evaluation).
     source: a random-access sequence of records (default: `open_source`).
   """
@@ -302,7 +303,10 @@ def make_dataset(config: ml_collections.ConfigDict, registry: bands_lib.BandRegi
   sampler = make_sampler(config, registry)
   layout = make_layout(config, sampler, data_parallel, shard_count)
   element = PairElement(source, registry, config, layout, shard_index, shard_count, shuffle)
-  n = _ENDLESS if num_epochs is None else element.n_local * int(num_epochs)
+  if num_epochs is None:
+    n = _ENDLESS
+  else:  # at least one batch, even from fewer chips than slots (chips then repeat)
+    n = max(element.n_local * int(num_epochs), layout.local_pairs)
   ds = (grain.MapDataset.range(n)
         .map(element)
         .batch(layout.local_pairs, drop_remainder=True, batch_fn=BatchFn(layout)))
