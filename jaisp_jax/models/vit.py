@@ -1,0 +1,167 @@
+"""Shared ViT trunk: pre-LN transformer blocks over a sky-aligned token grid.
+
+The trunk is band-agnostic: it sees stem tokens of any band and any instrument
+through the same weights. Position embeddings are 2-D and work for any grid size
+(fixed sin-cos computed from (h, w), or a learned table resized to (h, w)), so the
+same parameters serve a 64x64 px training crop and a full tile at inference.
+Attention goes through `jax.nn.dot_product_attention`, which dispatches to the
+fused (flash) kernel on GPU when the dtype allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Linear layers of the trunk use the reference's init (trunc-normal, std 0.02).
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (h*w, dim), row-major token order.
+
+  A quarter of the channels each hold sin(y f), cos(y f), sin(x f), cos(x f) for
+  dim/4 geometric frequencies f (MAE / big_vision convention); positions are in
+  token units, so a grid of any size gets consistent embeddings.
+  """
+  if dim % 4:
+    raise ValueError(f'sin-cos position embedding needs dim % 4 == 0, got {dim}')
+  y, x = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                     indexing='ij')
+  omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
+  y = y.reshape(-1)[:, None] * omega[None, :]
+  x = x.reshape(-1)[:, None] * omega[None, :]
+  return np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], axis=1).astype(np.float32)
+
+
+class PositionEmbedding(nn.Module):
+  """2-D position embeddings for an (h, w) grid -> (h*w, D).
+
+  kind 'sincos': fixed, any grid. kind 'learned': a (grid, grid, D) table,
+  bicubically resized when the grid differs (ViT fine-tuning convention).
+  """
+
+  kind: str = 'sincos'
+  learned_grid: int = 8
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: int, w: int, dim: int) -> jax.Array:
+    if self.kind == 'sincos':
+      return jnp.asarray(sincos_2d(h, w, dim))
+    if self.kind == 'learned':
+      g = self.learned_grid
+      table = self.param('table', nn.initializers.normal(0.02), (g, g, dim), self.param_dtype)
+      if (h, w) != (g, g):
+        table = jax.image.resize(table, (h, w, dim), method='bicubic')
+      return table.reshape(h * w, dim)
+    raise ValueError(f"unknown position embedding {self.kind!r}; expected 'sincos' or 'learned'")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention; q (B, T, H, hd), k/v (B, S, H, hd) -> (B, T, H, hd)."""
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (as the reference)."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, N, D)
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by {self.num_heads} heads')
+    hd = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=dense_init, name='qkv')(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
+    y = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # (B, N, H, hd)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=dense_init, name='proj')(y.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  """Dense(hidden) -> GELU -> Dense(out)."""
+
+  hidden: int
+  out: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
+    x = nn.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x), approximate=False)
+    return nn.Dense(self.out, name='fc2', **kw)(x)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, N, D)
+    d = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + SelfAttention(self.num_heads, name='attn', **kw)(nn.LayerNorm(name='norm1', **kw)(x))
+    x = x + Mlp(int(d * self.mlp_ratio), d, name='mlp', **kw)(nn.LayerNorm(name='norm2', **kw)(x))
+    return x
+
+
+def block_stack(x, depth: int, num_heads: int, mlp_ratio: float, remat: bool,
+                dtype: Dtype, param_dtype: Dtype, prefix: str = 'block'):
+  """Applies `depth` Blocks (inside a compact module); `remat` rematerialises each."""
+  cls = nn.remat(Block) if remat else Block
+  for i in range(depth):
+    x = cls(num_heads, mlp_ratio, dtype=dtype, param_dtype=param_dtype, name=f'{prefix}_{i}')(x)
+  return x
+
+
+class ViT(nn.Module):
+  """Transformer trunk over a token grid.
+
+  Input (B, h, w, D) token embeddings (from the stems); output a dict with
+  ``tokens`` (B, N=h*w, D) and ``global`` (B, D) (CLS output if `cls_token`,
+  else the mean token), both float32 (after the final LayerNorm).
+  """
+
+  depth: int = 6
+  num_heads: int = 8
+  mlp_ratio: float = 4.0
+  pos_embed: str = 'sincos'
+  learned_pos_grid: int = 8
+  cls_token: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, d = x.shape
+    pos = PositionEmbedding(self.pos_embed, self.learned_pos_grid, self.param_dtype,
+                            name='pos_embed')(h, w, d)  # (N, D)
+    x = x.reshape(b, h * w, d).astype(self.dtype) + pos.astype(self.dtype)[None]
+    if self.cls_token:
+      cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, d), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+    x = block_stack(x, self.depth, self.num_heads, self.mlp_ratio, self.remat,
+                    self.dtype, self.param_dtype)
+    x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    x = x.astype(jnp.float32)
+    tokens = x[:, 1:] if self.cls_token else x  # (B, N, D)
+    glob = x[:, 0] if self.cls_token else tokens.mean(axis=1)  # (B, D)
+    return {'tokens': tokens, 'global': glob}
