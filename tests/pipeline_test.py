@@ -255,3 +255,52 @@ def test_batch_format_kinds_are_the_registered_strategies(data_dir):
   kinds = np.concatenate([g['kind'] for b in _take(it, 5) for g in b['pairs'].values()])
   it.close()
   assert set(kinds.tolist()) <= set(range(len(batch_lib.PAIR_KINDS)))
+
+
+def _render(sky_yx, scale, n_px, sigma=0.3):
+  centers = (np.arange(n_px) + 0.5) * scale
+  gy = np.exp(-(centers - sky_yx[0]) ** 2 / (2 * sigma ** 2))
+  gx = np.exp(-(centers - sky_yx[1]) ** 2 / (2 * sigma ** 2))
+  return (gy[:, None] * gx[None, :] * scale ** 2).astype(np.float32)  # flux per pixel
+
+
+def test_every_pair_shows_the_same_sky_after_crop_flip_rot90(tmp_path):
+  rng = np.random.default_rng(5)
+  dirs = {}
+  for inst in ('rubin', 'euclid'):
+    (tmp_path / inst).mkdir()
+    dirs[inst] = str(tmp_path / inst)
+  for t in range(3):
+    sky = rng.uniform(2.0, 4.4, size=2)  # arcsec, inside a 6.4" tile
+    for inst, scale, n in (('rubin', 0.2, 32), ('euclid', 0.1, 64)):
+      img = np.stack([_render(sky, scale, n)] * REG.n_bands(inst))
+      np.savez(f'{dirs[inst]}/tile_{t}.npz', image=img, rms=np.full_like(img, 1e-3))
+  tfds_builder.build_dataset(dirs, tmp_path / 'd', 'pts', REG,
+                             tfds_builder.ChipOptions(chip_px=32, val_fraction=0.0),
+                             progress=False)
+  c = _config(str(tmp_path / 'd'), noise_prob=0.0, pairs_per_batch=32, chips_per_batch=0)
+  c.name = 'pts'
+  it = iter(pipeline.make_dataset(c, REG, data_parallel=4))
+  token = 0.8
+  n_pairs = 0
+  for b in _take(it, 4):
+    for g in b['pairs'].values():
+      for i in range(len(g['kind'])):
+        cents = []
+        for side in ('a', 'b'):
+          img = g[side]['image'][i] / np.float32(REG.bands[g[side]['band'][i]].pixel_scale) ** 2
+          scale = REG.bands[g[side]['band'][i]].pixel_scale
+          centers = (np.arange(img.shape[0]) + 0.5) * scale
+          cents.append(np.array([(img.sum(1) * centers).sum(), (img.sum(0) * centers).sum()])
+                       / img.sum())
+        side = c.crop_arcsec
+        if (cents[0] < 1.0).any() or (cents[0] > side - 1.0).any():
+          continue  # source cut by the crop edge: pixel sampling then differs by band
+        # Both views are cut, flipped and rotated alike: same centroid, same token.
+        np.testing.assert_allclose(cents[0], cents[1], atol=0.01)
+        ta, tb = (np.floor(x / token) for x in cents)
+        near_edge = np.abs(cents[0] / token - np.round(cents[0] / token)) < 0.02
+        assert ((ta == tb) | near_edge).all()
+        n_pairs += 1
+  it.close()
+  assert n_pairs >= 20, n_pairs
