@@ -221,10 +221,10 @@ class PairElement:
 
   def _permutation(self, epoch: int) -> np.ndarray:
     # One permutation of all chips per epoch, shared by the processes (same seed), so
-    # their strided slices are disjoint. Cached: consecutive k share the epoch.
+    # their strided slices are disjoint; cached, since consecutive k share the epoch.
     # (grain's index_shuffle would avoid the O(n) array but costs ~5 ms per call on
-    # datasets of a few chips.)
-    # One tuple, replaced atomically, so reading threads never see a mixed state.
+    # datasets of a few chips.) The cache is one tuple, replaced atomically, so
+    # reading threads never see an epoch paired with another epoch's permutation.
     cached_epoch, perm = self._perm_cache
     if cached_epoch != epoch:
       perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
