@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 import sys
 
+# Quiet TensorFlow's C++ start-up chatter (TF is imported by TFDS and clu's writer).
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from jaisp_jax import cli
@@ -59,6 +63,9 @@ def _init_distributed():
 
 
 def _main(argv):
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO logs (orbax, grain, clu) drown the progress lines; -v 0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _CONFIG.value is None:

@@ -1,0 +1,71 @@
+"""Inference: load an exported bundle and embed images of any band.
+
+    from jaisp_jax import inference
+    model = inference.load('runs/smoke/export')
+    out = model.get_representation(image, rms, 'rubin_r')   # image, rms: (B, 1, H, W)
+    out['tokens']   # (B, N, D) sky-aligned token grid (N = H/s * W/s, s = band stride)
+    out['global']   # (B, D) global embedding
+    out['weights']  # (B, 1, H, W) information map (where the sources are)
+
+`image` and `rms` are in any consistent flux unit (they are divided by the median
+rms); NaN/Inf pixels and non-positive rms are masked. H and W must be multiples of
+the band's stride (token size / pixel scale, e.g. 16 px for Rubin at 3.2").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaisp_jax import bands as bands_lib
+from jaisp_jax.cli import UserError
+from jaisp_jax.models import jaisp
+
+_FILES = ('params', 'config.json', 'bands.json', 'manifest.json')
+
+
+class Representation:
+  """A loaded bundle: the EMA target encoder with its config and band registry."""
+
+  def __init__(self, params: Any, config: ml_collections.ConfigDict,
+               registry: bands_lib.BandRegistry, manifest: dict):
+    self.params = params
+    self.config = config
+    self.registry = registry
+    self.manifest = manifest
+    self.model_config = ml_collections.FrozenConfigDict(config.model)
+
+  def get_representation(self, image, rms, band: str) -> dict[str, np.ndarray]:
+    """{'tokens' (B, N, D), 'global' (B, D), 'weights' (B, 1, H, W)} of one band's images."""
+    if band not in self.registry:
+      raise ValueError(f'unknown band {band!r}; this model knows {", ".join(self.registry.names)}')
+    out = jaisp.get_representation({'params': self.params}, np.asarray(image, np.float32),
+                                   np.asarray(rms, np.float32), band, self.model_config,
+                                   self.registry)
+    return {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in out.items()}
+
+
+def load(export_dir: str) -> Representation:
+  """Loads a bundle written by `--mode=export` (see jaisp_jax.train.export)."""
+  export_dir = os.path.abspath(export_dir)
+  missing = [f for f in _FILES if not os.path.exists(os.path.join(export_dir, f))]
+  if missing:
+    raise UserError(f'{export_dir}: not an exported jaisp-jax bundle (missing '
+                    f'{", ".join(missing)})')
+  with open(os.path.join(export_dir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(export_dir, 'bands.json')) as f:
+    registry = bands_lib.BandRegistry.from_dicts(json.load(f))
+  with open(os.path.join(export_dir, 'manifest.json')) as f:
+    manifest = json.load(f)
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(export_dir, 'params'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{export_dir}/params: cannot restore the parameters '
+                    f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+  return Representation(params, config, registry, manifest)

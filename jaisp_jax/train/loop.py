@@ -1,0 +1,243 @@
+"""train_and_evaluate(config, workdir): the training loop users run.
+
+Order of events:
+  1. mesh, model, loss, optimizer and data iterator from the config;
+  2. the train state built abstractly (`jax.eval_shape`), its shardings derived from
+     shapes, then either restored from the latest checkpoint in `workdir` (state and
+     data iterator together) or materialised sharded with `jit(init, out_shardings)`;
+  3. the jitted step (explicit in/out shardings, state donated) runs until
+     `config.total_steps`; metrics are fetched one step late, averaged, written to
+     TensorBoard and printed; every `config.eval.every` steps the EMA target is
+     evaluated on held-out chips (retrieval vs chance, RankMe);
+  4. checkpoints every `config.checkpoint_every` steps and at the end; SIGTERM
+     (preemption) saves and exits cleanly; a run killed outright resumes from the
+     last checkpoint and ends bitwise equal (on CPU) to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import periodic_actions
+
+from jaisp_jax import bands as bands_lib
+from jaisp_jax.cli import UserError
+from jaisp_jax.data import batch as batch_lib
+from jaisp_jax.data import pipeline
+from jaisp_jax.models import jaisp
+from jaisp_jax.objectives import losses
+from jaisp_jax.train import checkpoint as ckpt_lib
+from jaisp_jax.train import online_eval
+from jaisp_jax.train import reporting
+from jaisp_jax.train import sharding
+from jaisp_jax.train import state as state_lib
+from jaisp_jax.train import step as step_lib
+
+
+class TrainingDiverged(UserError):
+  """Too many consecutive non-finite steps: stopped, last good checkpoint kept."""
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def example_batch(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
+                  data_parallel: int) -> dict:
+  """A small batch with the structure (not the size) of the training batches, for init."""
+  quotas = pipeline.batch_quotas(config.data, registry, data_parallel)
+  batch = {'pairs': batch_lib.synthetic_pairs_batch(
+      0, registry, {k: 1 for k, v in quotas.items() if v > 0}, config.data.crop_arcsec)}
+  if config.data.chips_per_batch > 0:
+    batch['chips'] = batch_lib.synthetic_chips_batch(0, registry, 1, config.data.crop_arcsec)
+  return batch
+
+
+class Trainer:
+  """The pieces of a run that depend only on the config (shared by train, eval, export)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    self.config = config
+    self.registry = bands_lib.BandRegistry.from_config(config.bands)
+    self.mesh = sharding.make_mesh(config) if mesh is None else mesh
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.model = jaisp.JAISP(config.model, self.registry)
+    self.tx = state_lib.make_optimizer(config.optim, config.total_steps)
+    self.schedule = state_lib.learning_rate_schedule(config.optim, config.total_steps)
+    self._example = example_batch(config, self.registry, sharding.data_size(self.mesh))
+
+  def init_state(self, rng: jax.Array) -> state_lib.TrainState:
+    """A fresh train state from a PRNG key (pure; jitted with output shardings)."""
+    k_params, k_mask, k_state = jax.random.split(rng, 3)
+    params = self.model.init({'params': k_params, 'mask': k_mask}, self._example)['params']
+    return state_lib.create_state(params, self.tx, jax.random.key_data(k_state))
+
+  def abstract_state(self):
+    """(abstract state with shardings, shardings) without allocating anything."""
+    abstract = jax.eval_shape(self.init_state, jax.random.key(0))
+    shardings = sharding.state_shardings(abstract, self.mesh, self.config.mesh.min_shard_size)
+    with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abstract, shardings)
+    return with_sh, shardings
+
+  def fresh_state(self, shardings) -> state_lib.TrainState:
+    init = jax.jit(self.init_state, out_shardings=shardings)
+    return init(jax.random.key(self.config.seed))
+
+  def jitted_step(self, shardings):
+    step = functools.partial(
+        step_lib.train_step, loss_fn=losses.make_loss_fn(self.model, self.config, self.registry),
+        tx=self.tx, schedule=self.schedule, ema=self.config.ema,
+        total_steps=self.config.total_steps)
+    return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=0)
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str):
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside some test runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it has a checkpoint); returns final figures."""
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config)
+  _save_config(config, workdir)
+  registry = trainer.registry
+  _log(f'jaisp-jax: variant={config.model.variant} devices={jax.device_count()} '
+       f'processes={jax.process_count()} mesh={dict(trainer.mesh.shape)} workdir={workdir}')
+
+  data_iter = pipeline.make_iterator(config.data, registry, trainer.batch_sharding)
+  abstract, shardings = trainer.abstract_state()
+  ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
+                               keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(abstract, data_iter, start)
+    _log(f'resumed from {ckpt.directory}/{start}')
+  else:
+    state = trainer.fresh_state(shardings)
+    start = 0
+  n_params = jaisp.count_params(state.params)
+  _log(f'parameters: {n_params:,} trainable')
+
+  train_step = trainer.jitted_step(shardings)
+  writer = reporting.create_writer(workdir)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  logger = reporting.MetricsLogger(writer, log_every=config.log_every,
+                                   total_steps=config.total_steps, print_fn=_log)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_secs=None, every_steps=config.log_every)]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                          first_profile=10, logdir=workdir))
+
+  eval_chips = None
+  figures: dict[str, Any] = {}
+
+  def run_eval(step: int, params) -> dict[str, float]:
+    nonlocal eval_chips
+    if eval_chips is None:
+      eval_chips = online_eval.collect_chips(config, registry, trainer.batch_sharding)
+    res = online_eval.evaluate(params, eval_chips, config, registry)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in res.items()})
+    _log(f'eval @ {step}: retrieval top-1 {res["retrieval_top1"]:.3f} (chance '
+         f'{res["chance_top1"]:.3f}, {int(res["n_chips"])} held-out chips), RankMe '
+         f'{res["rankme"]:.1f}/{int(res["embed_dim"])}, effective dim {res["effective_dim"]:.1f}')
+    warning = online_eval.collapse_warning(res, config.eval.collapse_rank_fraction)
+    if warning:
+      _log(warning)
+    return res
+
+  if start == 0 and config.eval.every > 0:
+    figures['eval_init'] = run_eval(0, state.ema_params)
+
+  step = start
+  with _Preemption() as preempt:
+    while step < config.total_steps:
+      batch = next(data_iter)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, batch)
+      step += 1
+      host = logger.push(step, metrics)
+      for hook in hooks:
+        hook(step)
+      if host is not None and host['consecutive_skips'] >= config.max_consecutive_skips:
+        ckpt.wait()
+        raise TrainingDiverged(
+            f'{int(host["consecutive_skips"])} consecutive steps had a non-finite loss or '
+            f'gradient (last at step {step - 1}); stopped. The last good checkpoint in '
+            f'{ckpt.directory} is intact; lower config.optim.lr or check the data.')
+      ckpt.save(step, state, data_iter)
+      if config.eval.every > 0 and step % config.eval.every == 0 and step < config.total_steps:
+        run_eval(step, state.ema_params)
+      if preempt.requested:
+        ckpt.save(step, state, data_iter, force=True)
+        ckpt.close()
+        logger.flush()
+        _log(f'SIGTERM: saved a checkpoint at step {step} and stopped; run the same command '
+             f'to resume.')
+        return figures
+
+  final = logger.flush()
+  ckpt.save(step, state, data_iter, force=True)
+  ckpt.close()
+  figures['train'] = final or logger.last
+  figures['eval_final'] = run_eval(step, state.ema_params)
+  writer.flush()
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
+      json.dump(figures, f, indent=2, sort_keys=True)
+  return figures
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
