@@ -10,6 +10,8 @@ float32 scalars; all batch statistics are global under jit with sharded inputs.
   shift           sub-pixel shift regression (mas)
   matching        jittable, batched linear_sum_assignment (scipy's contract)
   slots           DETR-JEPA matched-slot loss, objectness targets
+  losses          total loss per model variant, train-step loss_fn (imports models;
+                  import it as jaisp_jax.objectives.losses)
 """
 
 from jaisp_jax.objectives.jepa import cosine_similarity, jepa_loss, token_similarity
