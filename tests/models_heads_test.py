@@ -94,7 +94,8 @@ def test_shift_pairs_shifts_view_b_by_the_returned_amount():
       pairs, jax.random.key(1))
   assert mas.shape == (5, 2) and float(jnp.abs(mas).max()) <= 250.0
   assert float(jnp.abs(mas).max()) > 50.0
-  np.testing.assert_array_equal(out['rubin-euclid']['a']['image'], pairs['rubin-euclid']['a']['image'])
+  np.testing.assert_array_equal(out['rubin-euclid']['a']['image'],
+                                pairs['rubin-euclid']['a']['image'])
   # Centroid of the (bright) sources moves by the shift; pairs are in sorted combo order.
   for k, (combo, i, scale) in enumerate([('rubin-euclid', 0, 0.1), ('rubin-euclid', 1, 0.1),
                                          ('rubin-euclid', 2, 0.1), ('rubin-rubin', 0, 0.2),

@@ -73,8 +73,9 @@ def _reference_stem(params, band, image, rms, mask, stride, softening):
                   approximate=False) * mask[..., None]
   pe = params['patch_embed']
   k = pe['kernel'].reshape(stride, stride, f.shape[-1], -1)
-  return jax.lax.conv_general_dilated(f, k, (stride, stride), 'VALID',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + pe['bias'][None, None, None, :]
+  tokens = jax.lax.conv_general_dilated(f, k, (stride, stride), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return tokens + pe['bias'][None, None, None, :]
 
 
 def test_each_sample_uses_its_own_bands_stem():

@@ -70,7 +70,8 @@ class DecoderLayer(nn.Module):
     y, attn = CrossAttention(self.num_heads, name='cross_attn', **kw)(
         nn.LayerNorm(name='norm2', **kw)(x), memory)
     x = x + y
-    x = x + vit.Mlp(int(d * self.mlp_ratio), d, name='mlp', **kw)(nn.LayerNorm(name='norm3', **kw)(x))
+    mlp = vit.Mlp(int(d * self.mlp_ratio), d, name='mlp', **kw)
+    x = x + mlp(nn.LayerNorm(name='norm3', **kw)(x))
     return x, attn
 
 

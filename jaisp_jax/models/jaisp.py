@@ -162,7 +162,8 @@ def sample_hidden_bands(rng: jax.Array, chips: dict) -> dict[str, jax.Array]:
   for i, inst in enumerate(sorted(chips)):
     valid = jnp.asarray(chips[inst]['band_valid'])  # (B, nb)
     logits = jnp.where(valid, 0.0, -1e9)
-    out[inst] = jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1).astype(jnp.int32)
+    key = jax.random.fold_in(rng, i)
+    out[inst] = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
   return out
 
 
