@@ -304,3 +304,23 @@ def test_every_pair_shows_the_same_sky_after_crop_flip_rot90(tmp_path):
         n_pairs += 1
   it.close()
   assert n_pairs >= 20, n_pairs
+
+
+def test_empty_data_dir_simulates_a_small_field_on_the_fly():
+  c = pipeline.default_data_config()
+  c.simulate.update(n_tiles=2, size=64, chip_px=64, val_fraction=0.5)
+  c.crop_arcsec = 6.4
+  c.pairs_per_batch = 8
+  assert c.data_dir == ''
+  train = pipeline.open_source(c, 'train', REG)
+  val = pipeline.open_source(c, 'validation', REG)
+  assert len(train) == len(val) == 1 and train[0]['tile'] != val[0]['tile']
+  assert len(train[0]['truth_rows']) > 0 and np.isfinite(train[0]['sky']).all()
+  it = iter(pipeline.make_dataset(c, REG, data_parallel=1))
+  b = next(it)
+  it.close()
+  q = pipeline.batch_quotas(c, REG, data_parallel=1)['rubin-euclid']
+  g = b['pairs']['rubin-euclid']
+  assert g['a']['image'].shape == (q, 32, 32) and g['b']['image'].shape == (q, 64, 64)
+  with pytest.raises(Exception, match='no split'):
+    pipeline.open_source(c, 'test', REG)

@@ -186,3 +186,37 @@ def test_chip_origins_cover_the_tile_flush_to_the_edges():
   assert tfds_builder.chip_origins(10, 40, 16, 16) == []
   assert tfds_builder.chip_origins(32, 32, 16, 8) == [
       (y, x) for y in (0, 8, 16) for x in (0, 8, 16)]
+
+
+def test_simulated_build_keeps_truth_rows_sky_and_pixels(tmp_path):
+  from astropy.table import Table
+  from jaisp_jax.data import simulate
+  argv = ['--simulate', '2', '--size', '64', '--chip-px', '32', '--seed', '7', '--workers', '1',
+          '--val-fraction', '0.5', '--data-dir', str(tmp_path / 'd'), '--name', 'sim',
+          '--no-progress']
+  assert build_cli.main(argv) == 0
+  folder = tmp_path / 'd' / 'sim' / tfds_builder.VERSION
+  table = Table.read(folder / 'truth_sim.ecsv', format='ascii.ecsv')
+  records = _read_split(tmp_path / 'd', 'sim', 'train') + _read_split(tmp_path / 'd', 'sim',
+                                                                       'validation')
+  assert len(records) == 8 and not list((tmp_path / 'd').glob('.sim-*'))
+  layouts = simulate.tile_layout(2, simulate.SimConfig(size=64))
+  seen = []
+  for rec in records:
+    tile = rec['tile'].decode()
+    y0, x0 = rec['origin']
+    rows = rec['truth_rows']
+    assert (np.asarray(table['tile'])[rows] == tile).all()
+    x, y = np.asarray(table['x_rubin'])[rows], np.asarray(table['y_rubin'])[rows]
+    assert ((x >= x0 - 0.5) & (x < x0 + 31.5) & (y >= y0 - 0.5) & (y < y0 + 31.5)).all()
+    seen += rows.tolist()
+    assert np.isfinite(rec['sky']).all()
+  # Every source whose true position is in a tile is listed by exactly one chip.
+  assert sorted(seen) == np.flatnonzero(np.asarray(table['in_tile'])).tolist()
+  # Pixels read back equal the simulator's (tiles depend on (seed, index) only).
+  sim = simulate.simulate_tile(1, 7, simulate.SimConfig(size=64),
+                               center_deg=layouts[1]['center_deg'], n_tiles=2)
+  rec = next(r for r in records if r['tile'].decode() == sim.name and tuple(r['origin']) == (32, 0))
+  np.testing.assert_array_equal(rec['instruments']['euclid']['image'],
+                                sim.images['euclid'][:, 64:128, 0:64])
+  np.testing.assert_array_equal(rec['instruments']['rubin']['rms'], sim.rms['rubin'][:, 32:64, :32])
