@@ -320,8 +320,8 @@ def write_preview(out_dir: str, field: str, name: str,
     image, rms = f['image'], f['rms']
   picks = _closest_bands(registry.instrument_bands(coarse), (758.0, 625.0, 485.0))   # i r g
   scale = float(np.median(rms[picks[1].index]))
-  rgb = make_lupton_rgb(*[image[b.index] / scale for b in picks], minimum=0.0, stretch=10.0,
-                        Q=4.0)
+  rgb = make_lupton_rgb(*[image[b.index] / scale for b in picks], minimum=0.0, stretch=15.0,
+                        Q=5.0)
   panels.append((' '.join(b.name for b in picks[::-1]) + ' (b g r)', coarse, rgb))
   for inst in registry.instruments:
     if inst == coarse:
@@ -332,7 +332,7 @@ def write_preview(out_dir: str, field: str, name: str,
     for band in (inst_bands[0], inst_bands[-1]):
       panels.append((band.name, inst, np.arcsinh(image[band.index] / (3.0 * rms[band.index]))))
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 6.4))
   for ax, (title, inst, data) in zip(np.atleast_1d(axes), panels):
     if data.ndim == 3:
       ax.imshow(data, origin='lower', interpolation='nearest')
@@ -350,7 +350,7 @@ def write_preview(out_dir: str, field: str, name: str,
   np.atleast_1d(axes)[0].legend(loc='upper right', fontsize=8, framealpha=0.6)
   fig.tight_layout()
   path = os.path.join(out_dir, f'preview_{field}.png')
-  truth.atomic_write(path, lambda f: fig.savefig(f, dpi=90, format='png'), mode='wb')
+  truth.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
   plt.close(fig)
   return path
 

@@ -266,7 +266,8 @@ def sample_population(rng: np.random.Generator, x_range: tuple[float, float],
   hmin, hmax = config.hlr_range
   gal['hlr_disk'] = np.clip(1.678 * r_d, hmin, hmax)
   ratio = rng.uniform(*config.bulge_to_disk_radius, size=n_gal)
-  gal['hlr_bulge'] = np.clip(gal['hlr_disk'] * ratio, hmin, hmax)
+  gal['hlr_bulge'] = np.where(gal['bulge_frac'] > 0,
+                              np.clip(gal['hlr_disk'] * ratio, hmin, hmax), 0.0)
   cos_i = rng.uniform(size=n_gal)
   gal['q_disk'] = np.sqrt(cos_i**2 + config.disk_thickness**2 * (1.0 - cos_i**2))
   gal['q_bulge'] = rng.uniform(0.6, 1.0, size=n_gal)

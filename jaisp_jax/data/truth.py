@@ -25,7 +25,7 @@ every source drawn into the tile (including those just outside it whose light sp
                        always has the 'E' spectrum); stars: 'blackbody'
   temperature   K      black-body temperature of stars (0 for galaxies)
   bulge_frac           bulge fraction of the flux in the reference filter (LSST i)
-  hlr_disk, hlr_bulge  arcsec  half-light radii (0 for stars)
+  hlr_disk, hlr_bulge  arcsec  half-light radii (0 for stars; hlr_bulge 0 without bulge)
   n_disk, n_bulge      Sersic indices (1 and 4)
   q_disk, q_bulge      axis ratios b/a
   beta_deg      deg    position angle of the major axes, counter-clockwise from +x
