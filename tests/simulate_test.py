@@ -1,8 +1,10 @@
 """The simulated tiles, checked against their truth: positions, fluxes, noise, PSFs, files."""
 
 import dataclasses
+import hashlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -202,6 +204,11 @@ def small_fields(tmp_path_factory):
 
 
 def test_same_seed_gives_identical_files_for_any_workers(small_fields):
+  for name in ('truth_small.ecsv', 'tiles_small.json', 'rubin_tiles_small/tile_0002.npz',
+               'euclid_tiles_small/tile_0001.npz'):
+    digests = {hashlib.sha256(pathlib.Path(out, name).read_bytes()).hexdigest()
+               for out in small_fields}
+    assert len(digests) == 1, name                     # byte-identical files
   one, two = (_read_field(out, 'small') for out in small_fields)
   assert one.keys() == two.keys() and len(one) == 6
   for key in one:
@@ -295,6 +302,17 @@ def test_command_line_contract(tmp_path):
         assert f['image'].shape == (REGISTRY.n_bands(inst), size, size)
   assert (out / 'truth_cli.ecsv').exists() and (out / 'tiles_cli.json').exists()
   assert (out / 'preview_cli.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_command_line_refuses_to_mix_with_tiles_of_another_run(tmp_path):
+  args = ['--out', str(tmp_path), '--field', 'mix', '--seed', '0', '--size', '16',
+          '--workers', '1']
+  assert _run_cli(*args, '--n-tiles', '3').returncode == 0
+  again = _run_cli(*args, '--n-tiles', '3')                      # same run: overwrites
+  assert again.returncode == 0, again.stderr
+  fewer = _run_cli(*args, '--n-tiles', '2')
+  assert fewer.returncode == 2 and 'tile_0002.npz' in fewer.stderr
+  assert len(fewer.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize('bad', [['--n-tiles', '0'], ['--n-tiles', 'many'], ['--size', '4'],

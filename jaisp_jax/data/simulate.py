@@ -267,8 +267,19 @@ def simulate_field(out_dir: str, field: str, n_tiles: int, seed: int,
   registry = registry or bands_lib.default_registry()
   workers = max(1, min(workers or os.cpu_count() or 1, n_tiles))
   layouts = tile_layout(n_tiles, config, registry)
+  names = {tile_name(k, n_tiles) + '.npz' for k in range(n_tiles)}
   for inst in registry.instruments:
-    os.makedirs(tile_dir(out_dir, inst, field), exist_ok=True)
+    folder = tile_dir(out_dir, inst, field)
+    os.makedirs(folder, exist_ok=True)
+    # Tiles of an earlier, larger run would be paired with this run's truth: refuse.
+    # Temporary files of an interrupted run are ours to remove.
+    stale = sorted(n for n in os.listdir(folder) if n.endswith('.npz') and n not in names)
+    if stale:
+      raise FileExistsError(f'{folder} holds {len(stale)} tile(s) not written by this run '
+                            f'({stale[0]}, ...); use another --out or --field, or remove them')
+    for name in os.listdir(folder):
+      if name.startswith('.tile_') and name.endswith('.tmp'):
+        os.remove(os.path.join(folder, name))
   tasks = [(k, seed, layouts[k], n_tiles, config, registry, out_dir, field)
            for k in range(n_tiles)]
   context = _pool_context()
@@ -402,8 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise UserError(f'--out {args.out}: exists and is not a folder')
   os.makedirs(args.out, exist_ok=True)
   config = dataclasses.replace(SimConfig(), size=args.size)
-  paths = simulate_field(args.out, args.field, args.n_tiles, args.seed, config,
-                         workers=args.workers, preview=args.preview)
+  try:
+    paths = simulate_field(args.out, args.field, args.n_tiles, args.seed, config,
+                           workers=args.workers, preview=args.preview)
+  except FileExistsError as e:
+    raise UserError(str(e)) from None
   print(json.dumps(paths, indent=1))
   return 0
 
