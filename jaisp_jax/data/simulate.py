@@ -6,9 +6,13 @@
 writes DIR/<inst>_tiles_NAME/tile_XXXX.npz for every instrument of the band registry
 (rubin: 6 bands u..y at 0.2"/px, PX x PX; euclid: VIS, Y, J, H at 0.1"/px, 2PX x 2PX),
 each with exactly the keys `image` and `rms`, float32 (n_bands, H, W) in nJy per pixel,
-bands in registry index order; plus DIR/truth_NAME.ecsv and DIR/tiles_NAME.json (schema
-in `jaisp_jax.data.truth`), and with --preview DIR/preview_NAME.png (tile 0: Rubin gri,
-Euclid VIS and H, truth positions overlaid).
+bands in registry index order (`rms` is the background noise per pixel; bright sources
+add their own Poisson noise on top, as in survey rms maps); plus DIR/truth_NAME.ecsv and
+DIR/tiles_NAME.json (schema in `jaisp_jax.data.truth`), and with --preview
+DIR/preview_NAME.png (tile 0: Rubin gri, Euclid VIS and H, truth positions overlaid).
+
+Speed (launch/bench_simulate.py): ~0.8 CPU s per tile pair of 128 / 256 px, so the
+seeds' 144 tile pairs take about a minute on 2 idle cores.
 
 Tiles lie on a square grid around the field centre (ECDFS by default), separated by a
 gap wider than twice the source margin, so no patch of sky is in two tiles and a split
@@ -17,7 +21,6 @@ by sky region is a split by tile. Tile k is simulated from the seed sequence
 
 Physics: `jaisp_jax.data.sky` (sources, spectra, band fluxes) and
 `jaisp_jax.data.observe` (depth, PSFs, offsets, drawing, noise).
-Speed: launch/bench_simulate.py prints tiles/s.
 """
 
 from __future__ import annotations
