@@ -1,10 +1,44 @@
 #!/usr/bin/env bash
-# The main job end to end on the built-in simulated sky (README quick start, command 1).
-# Usage: bash launch/quickstart.sh [WORKDIR]   (default: ./runs/quickstart)
+# The main job end to end on the built-in simulated sky (README quick start, command 1):
+# simulate -> validate -> build the TFDS dataset -> train (smoke config) -> checkpoint
+# -> export -> embed held-out sky and say whether anything was learned.
+# Usage: bash launch/quickstart.sh [WORKDIR] [--config.x=y ...]   (default WORKDIR: runs/quickstart)
+# Re-running resumes training from WORKDIR/train (delete WORKDIR to start over).
 set -euo pipefail
 W=${1:-runs/quickstart}
+shift || true
+FIELD=quickstart
 mkdir -p "$W"
-echo "== 1/2 simulate a small field (GalSim) -> $W/sky"
-python -m jaisp_jax.data.simulate --out "$W/sky" --field quickstart --n-tiles 8 --seed 0 --size 128 --preview
-echo "== 2/2 validate the tiles"
-python -m jaisp_jax.data.check --rubin-dir "$W/sky/rubin_tiles_quickstart" --euclid-dir "$W/sky/euclid_tiles_quickstart"
+t0=$(date +%s)
+stage() { echo; echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+
+stage "1/6 simulate a field of Rubin + Euclid tile pairs with GalSim -> $W/sky"
+if [ ! -f "$W/sky/truth_$FIELD.ecsv" ]; then
+  python -m jaisp_jax.data.simulate --out "$W/sky" --field "$FIELD" --n-tiles 48 --seed 0 \
+    --size 128 --preview
+fi
+
+stage "2/6 validate the tiles"
+python -m jaisp_jax.data.check --rubin-dir "$W/sky/rubin_tiles_$FIELD" \
+  --euclid-dir "$W/sky/euclid_tiles_$FIELD"
+
+stage "3/6 build the TFDS (array_record) dataset, split by sky region -> $W/tfds"
+if [ ! -d "$W/tfds/jaisp_chips" ]; then
+  python -m jaisp_jax.data.build --rubin-dir "$W/sky/rubin_tiles_$FIELD" \
+    --euclid-dir "$W/sky/euclid_tiles_$FIELD" --data-dir "$W/tfds" --chip-px 64 \
+    --val-fraction 0.2 --no-progress
+fi
+
+stage "4/6 train the smoke config (JEPA) on CPU -> $W/train"
+python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir="$W/train" \
+  --config.data.data_dir="$W/tfds" "$@"
+
+stage "5/6 export the EMA target encoder -> $W/export"
+python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir="$W/train" \
+  --config.data.data_dir="$W/tfds" "$@" --mode=export --export_dir="$W/export"
+
+stage "6/6 embed held-out sky with the exported model (trained vs untrained)"
+python -m jaisp_jax.evaluate.embed --export_dir "$W/export" --data_dir "$W/tfds" \
+  --out "$W/embed_summary.json"
+echo
+echo "done in $(( $(date +%s) - t0 ))s: TensorBoard: tensorboard --logdir $W/train; preview: $W/sky/preview_$FIELD.png"

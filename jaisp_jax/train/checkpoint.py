@@ -72,7 +72,13 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether a save started."""
+    """Saves if `step` is due (or `force`); returns whether a save started.
+
+    A step that is already saved (e.g. the final step fell on the save interval)
+    is not saved again.
+    """
+    if step in self._manager.all_steps():
+      return False
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)

@@ -180,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     nonlocal eval_chips
     if eval_chips is None:
       eval_chips = online_eval.collect_chips(config, registry, trainer.batch_sharding)
-    res = online_eval.evaluate(params, eval_chips, config, registry)
+    res = online_eval.evaluate(online_eval.params_embed_fn(params, config.model, registry),
+                               eval_chips, config, registry)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in res.items()})
     _log(f'eval @ {step}: retrieval top-1 {res["retrieval_top1"]:.3f} (chance '
          f'{res["chance_top1"]:.3f}, {int(res["n_chips"])} held-out chips), RankMe '

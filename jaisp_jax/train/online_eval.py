@@ -20,7 +20,7 @@ the training split.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,20 +60,31 @@ def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
   return out
 
 
-def embed_band(params: Any, chips: dict, band: str, model_config: ml_collections.ConfigDict,
-               registry: bands_lib.BandRegistry, batch_size: int = 64) -> np.ndarray:
-  """(N, D) global embeddings of one band of the chips (already in noise units)."""
+EmbedFn = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
+
+
+def params_embed_fn(params: Any, model_config: ml_collections.ConfigDict,
+                    registry: bands_lib.BandRegistry) -> EmbedFn:
+  """embed(image, rms, band) -> (B, D) global embeddings with model parameters.
+
+  Inputs are (B, 1, H, W) in the batch contract's noise units (masked pixels 0).
+  """
+  def embed(image, rms, band):
+    rep = jaisp.get_representation({'params': params}, image, rms, band, model_config,
+                                   registry, normalise=False)
+    return np.asarray(rep['global'], np.float32)
+  return embed
+
+
+def embed_band(embed: EmbedFn, chips: dict, band: str, registry: bands_lib.BandRegistry,
+               batch_size: int = 64) -> np.ndarray:
+  """(N, D) global embeddings of one band of the chips."""
   inst = registry[band].instrument
   idx = registry[band].index
   image = chips[inst]['image'][:, idx]
   rms = chips[inst]['rms'][:, idx] * (chips[inst]['mask'][:, idx] > 0)
-  out = []
-  for s in range(0, image.shape[0], batch_size):
-    rep = jaisp.get_representation({'params': params}, image[s:s + batch_size, None],
-                                   rms[s:s + batch_size, None], band, model_config, registry,
-                                   normalise=False)
-    out.append(np.asarray(rep['global'], np.float32))
-  return np.concatenate(out)
+  return np.concatenate([embed(image[s:s + batch_size, None], rms[s:s + batch_size, None], band)
+                         for s in range(0, image.shape[0], batch_size)])
 
 
 def retrieval_top_k(query: np.ndarray, gallery: np.ndarray, k: int = 1) -> float:
@@ -86,11 +97,11 @@ def retrieval_top_k(query: np.ndarray, gallery: np.ndarray, k: int = 1) -> float
   return float(np.mean(rank < k))
 
 
-def evaluate(params: Any, chips: dict, config: ml_collections.ConfigDict,
+def evaluate(embed: EmbedFn, chips: dict, config: ml_collections.ConfigDict,
              registry: bands_lib.BandRegistry) -> dict[str, float]:
-  """Retrieval and rank figures of `params` on held-out `chips`."""
-  q = embed_band(params, chips, config.eval.query_band, config.model, registry)
-  g = embed_band(params, chips, config.eval.gallery_band, config.model, registry)
+  """Retrieval and rank figures of an embedding function on held-out `chips`."""
+  q = embed_band(embed, chips, config.eval.query_band, registry)
+  g = embed_band(embed, chips, config.eval.gallery_band, registry)
   z = jnp.asarray(np.concatenate([q, g]))
   n = q.shape[0]
   return {

@@ -1,0 +1,1 @@
+"""Evaluation: held-out embeddings, diagnostics and probes against truth."""
