@@ -50,6 +50,22 @@ class Representation:
     return {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in out.items()}
 
 
+def from_params(params: Any, config: ml_collections.ConfigDict,
+                registry: bands_lib.BandRegistry | None = None) -> Representation:
+  """A `Representation` of in-memory parameters (e.g. a model at initialisation)."""
+  registry = registry or bands_lib.BandRegistry.from_config(config.bands)
+  return Representation(params, config, registry, {'variant': config.model.variant})
+
+
+def init_params(config: ml_collections.ConfigDict, seed: int | None = None) -> Any:
+  """Parameters of `config`'s architecture at initialisation (the untrained baseline)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
+  trainer = loop.Trainer(config)
+  seed = config.seed if seed is None else seed
+  return jax.device_get(jax.jit(trainer.init_state)(jax.random.key(seed)).ema_params)
+
+
 def load(export_dir: str) -> Representation:
   """Loads a bundle written by `--mode=export` (see jaisp_jax.train.export)."""
   export_dir = os.path.abspath(export_dir)

@@ -18,7 +18,6 @@ import os
 import sys
 from typing import Sequence
 
-import jax
 
 from jaisp_jax import cli
 from jaisp_jax import inference
@@ -44,7 +43,7 @@ def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
   def trained_embed(image, rms, band):
     return bundle.get_representation(image, rms, band)['global']
 
-  init_params = jax.jit(trainer.init_state)(jax.random.key(config.seed)).ema_params
+  init_params = inference.init_params(config)
   return {
       'trained': online_eval.evaluate(trained_embed, chips, config, registry),
       'init': online_eval.evaluate(online_eval.params_embed_fn(init_params, config.model, registry),
