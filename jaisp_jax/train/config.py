@@ -122,9 +122,16 @@ def sized(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
     # The PyTorch reference benchmark's configuration (shared/bench/torch_ref):
     # B = 16 pairs of 128 x 128 px views, conv stems, D 256, depth 6, 8 heads,
     # patch 16, predictor 1024, AdamW 3e-4 / wd 0.05, EMA 0.996 constant.
+    # `python -m jaisp_jax.bench step` feeds it 16 rubin-rubin pairs (128 x 128 px
+    # both views), the reference's work per step; docs/performance.md.
     c.model.stem.kind = 'conv'
+    c.model.stem.asinh_softening = 0.0  # the reference feeds the raw image
+    c.model.trunk.pos_embed = 'learned'  # the reference's learned (N, D) table
+    c.loss.weight_mode = 'max'          # the reference: max(w_A, w_B) both directions
     c.data.crop_arcsec = 25.6
     c.data.pairs_per_batch = 16
+    c.optim.warmup_steps = 0            # the reference: constant lr 3e-4
+    c.optim.min_lr_ratio = 1.0
     c.ema.schedule = 'constant'
   else:
     raise ValueError(f'unknown size {size!r}; choose one of {", ".join(SIZES)}')
