@@ -17,6 +17,7 @@ Order of events:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -228,10 +229,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   figures['eval_final'] = run_eval(step, state.ema_params)
   writer.flush()
   writer.close()
+  # Every process reports a digest of ITS copy of the replicated parameters, so a
+  # multi-host run can be checked for agreement from the logs.
+  print(f'process {jax.process_index()}/{jax.process_count()}: step {step} params digest '
+        f'{params_digest(state.params)}', file=sys.stderr, flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
       json.dump(figures, f, indent=2, sort_keys=True)
   return figures
+
+
+def params_digest(params: Any) -> str:
+  """sha256 (16 hex) of this process's local copy of the fully replicated leaves."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    if leaf.is_fully_replicated:
+      h.update(np.ascontiguousarray(np.asarray(leaf.addressable_data(0))).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _flat(d: dict, prefix: str = '') -> dict:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -49,7 +50,8 @@ def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
   parts: list[dict] = []
   n = 0
   for batch in it:
-    chips = jax.device_get(batch['chips'])
+    # Global arrays span every process's devices: gather them (a no-op on one host).
+    chips = multihost_utils.process_allgather(batch['chips'], tiled=True)
     parts.append(chips)
     n += next(iter(chips.values()))['image'].shape[0]
     if n >= config.eval.max_chips:
