@@ -1,0 +1,631 @@
+r"""`--mode=evaluate`: the evaluation suite of a trained workdir.
+
+    python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir=runs/smoke --mode=evaluate
+
+Takes the EMA (target) parameters of the latest checkpoint in `W/checkpoints` as the
+frozen representation and evaluates it on held-out chips (the validation split, sky
+regions never seen in training), next to two references computed on the same chips:
+
+  init       the same architecture at initialisation (same seed as the run);
+  classical  pixels, no learning (`embeddings.PixelBaseline`).
+
+Writes `W/eval/report.json` (schema below), PNG plots in `W/eval/`, the scalars and
+plots to TensorBoard under `eval/` (step = checkpoint step) and prints a summary.
+Everything is seeded; two runs on the same workdir give the same numbers.
+
+report.json, schema version 1 (keys always present; a figure that cannot be
+computed is null, never NaN):
+
+  schema_version  1
+  run             {workdir, variant, step, seed, embed_dim}
+  data            {split, n_chips, has_truth, n_sources, source, bands, query_band,
+                   gallery_band, crop_px: {instrument: px}}
+  models          {trained, init, classical: one-line descriptions}
+  diagnostics     {model: {token_similarity, token_similarity_unweighted,
+                   token_similarity_shuffled, var_loss, var_min, var_mean, effective_dim,
+                   rankme, embed_dim, n, per_band: {band: {var_loss, var_min, var_mean,
+                   effective_dim, rankme, embed_dim, n, collapsed}}, n_collapsed_bands,
+                   cross_band: {bands, matrix, contrast, mean_contrast},
+                   activation_weight: {pearson, spearman, n_tokens}}}
+  retrieval       {query_band, gallery_band, n, chance_top1, chance_top5,
+                   models: {model: {global: {top1, top5}, tokens: {top1, top5}}},
+                   band_pairs: {model: {'<q>-><g>': global top1}}}
+  embeddings      {method ('umap' | 'pca'), band, properties: [names],
+                   global: {model: spearman table}, sources: {model: table} | null,
+                   comparison: {models, cka, profile_cosine}}
+                   (spearman table = embeddings.spearman_table's dict)
+  probes          {status: 'ok' | 'skipped' | 'unavailable', note, results: {...} | null}
+  table           [{metric, trained, init, classical, chance, higher_is_better}]: every
+                  headline figure in one flat list (what compare_objectives tabulates)
+  plots           [file names in W/eval]
+  notes           [strings]: what was skipped or approximated, and why
+  summary         [the lines printed at the end]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaisp_jax import bands as bands_lib
+from jaisp_jax import inference
+from jaisp_jax.cli import UserError
+from jaisp_jax.evaluate import diagnostics
+from jaisp_jax.evaluate import embeddings
+from jaisp_jax.evaluate import plots
+
+SCHEMA_VERSION = 1
+MODELS = ('trained', 'init', 'classical')
+_WEIGHT_CHIPS = 4     # chips whose pixel information maps are kept (overlay plot)
+
+
+# -- inputs ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HeldOutData:
+  """Held-out chips as the suite uses them.
+
+  Attributes:
+    chips: {instrument: {'image', 'rms', 'mask': (N, n_bands, H, W), 'band_valid':
+      (N, n_bands)}}, pixels in the batch contract's noise units.
+    sources: per-source truth {'chip': (S,), 'x_<inst>', 'y_<inst>': (S,) pixel
+      position in the chip, property columns (S,)} or None (user data).
+    chip_properties: {name: (N,)} per-chip values to colour global maps by.
+    description: where the chips came from.
+    notes: caveats to put in the report.
+    raw: the loader's own object (handed to the probes), or None.
+  """
+  chips: dict
+  sources: dict | None
+  chip_properties: dict
+  description: str
+  notes: list
+  raw: Any = None
+
+  @property
+  def n(self) -> int:
+    return int(next(iter(self.chips.values()))['image'].shape[0])
+
+
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, Any]:
+  """(step, EMA params) of the latest checkpoint in `workdir/checkpoints`."""
+  from jaisp_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from jaisp_jax.train import loop  # pylint: disable=import-outside-toplevel
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise UserError(f'{directory}: no checkpoints; train first (same command without '
+                    f'--mode=evaluate)')
+  ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1_000_000, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise UserError(f'{directory}: no finished checkpoint; train first')
+    abstract, _ = loop.Trainer(config).abstract_state()
+    state = ckpt.restore(abstract, None, step)
+  finally:
+    ckpt.close()
+  return int(step), jax.device_get(state.ema_params)
+
+
+def _pixel_properties(chips: dict, registry: bands_lib.BandRegistry, band: str) -> dict:
+  """Per-chip image statistics, for colouring maps of data without truth."""
+  inst, idx = registry[band].instrument, registry[band].index
+  img = chips[inst]['image'][:, idx]
+  mask = chips[inst]['mask'][:, idx] > 0
+  pos = np.where(mask & (img > 3.0), img, 0.0)
+  return {'log_snr_sum': np.log10(1.0 + pos.sum(axis=(1, 2))),
+          'bright_fraction': np.mean(mask & (img > 3.0), axis=(1, 2))}
+
+
+def load_heldout(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
+                 max_chips: int) -> HeldOutData:
+  """Held-out chips of the config's dataset (validation split).
+
+  Uses the training system's evaluation iterator (`online_eval.collect_chips`), cut to
+  the distinct chips of the split. That path has no truth catalog, so truth-based
+  analyses are skipped; `jaisp_jax.evaluate.heldout` (when present) supplies truth.
+  """
+  from jaisp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaisp_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from jaisp_jax.train import online_eval  # pylint: disable=import-outside-toplevel
+  c = ml_collections.ConfigDict(config.to_dict())
+  n_split = len(pipeline.open_source(c.data, c.data.eval_split, registry))
+  c.eval.max_chips = int(min(max_chips, n_split))
+  trainer = loop.Trainer(c)
+  chips = online_eval.collect_chips(c, registry, trainer.batch_sharding)
+  chips = jax.tree.map(lambda x: np.asarray(x)[:c.eval.max_chips], chips)
+  src = c.data.data_dir or 'simulated on the fly (config.data.simulate)'
+  notes = ['held-out chips from the training evaluation iterator (random crops of '
+           f'{c.data.crop_arcsec}" with random flips/rotations); no truth rows on this path']
+  return HeldOutData(chips=chips, sources=None,
+                     chip_properties=_pixel_properties(chips, registry, config.eval.query_band),
+                     description=f'{src}, split {c.data.eval_split!r}', notes=notes)
+
+
+def _init_params(config: ml_collections.ConfigDict):
+  return _init_params_cached(config.to_json_best_effort(sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _init_params_cached(config_json: str):
+  # Initialising compiles the whole model (seconds); evaluating the same config again
+  # in one process (tests, compare_objectives' helper) reuses it.
+  return inference.init_params(ml_collections.ConfigDict(json.loads(config_json)))
+
+
+# -- embedding -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Embedded:
+  """One model's embeddings of every band of the held-out chips."""
+  globals: dict     # band -> (N, D)
+  tokens: dict      # band -> (N, T, D)
+  token_weights: dict  # band -> (N, T)
+  pixel_weights: dict  # band -> (k, H, W) of the first k chips
+  grid: dict        # band -> (rows, cols) of the token grid
+
+
+def embed_chips(rep, chips: dict, registry: bands_lib.BandRegistry, bands, *,
+                batch_size: int = 32) -> Embedded:
+  """Embeds every band of the chips with `rep` (anything with `get_representation`).
+
+  The last batch is padded to `batch_size` so every call has the same shape (one
+  compilation per instrument).
+  """
+  out = Embedded({}, {}, {}, {}, {})
+  for band in bands:
+    inst, idx = registry[band].instrument, registry[band].index
+    image = chips[inst]['image'][:, idx:idx + 1]                        # (N, 1, H, W)
+    rms = chips[inst]['rms'][:, idx:idx + 1] * (chips[inst]['mask'][:, idx:idx + 1] > 0)
+    n = image.shape[0]
+    parts = []
+    for s in range(0, n, batch_size):
+      img, sig = image[s:s + batch_size], rms[s:s + batch_size]
+      pad = batch_size - img.shape[0] if n > batch_size else 0
+      if pad:
+        img = np.concatenate([img, np.repeat(img[-1:], pad, axis=0)])
+        sig = np.concatenate([sig, np.repeat(sig[-1:], pad, axis=0)])
+      r = rep.get_representation(img, sig, band)
+      m = img.shape[0] - pad
+      parts.append({k: np.asarray(r[k])[:m] for k in ('tokens', 'global', 'token_weights')})
+      if s == 0:
+        out.pixel_weights[band] = np.asarray(r['weights'])[:_WEIGHT_CHIPS, 0]
+    out.globals[band] = np.concatenate([p['global'] for p in parts]).astype(np.float32)
+    out.tokens[band] = np.concatenate([p['tokens'] for p in parts]).astype(np.float32)
+    out.token_weights[band] = np.concatenate([p['token_weights'] for p in parts])
+    stride = registry.stride(band, _token_arcsec(rep))
+    out.grid[band] = (image.shape[2] // stride, image.shape[3] // stride)
+  return out
+
+
+def _token_arcsec(rep) -> float:
+  return float(rep.config.model.token_arcsec) if hasattr(rep, 'config') else rep.token_arcsec
+
+
+def _valid(chips: dict, registry: bands_lib.BandRegistry, band: str) -> np.ndarray:
+  inst, idx = registry[band].instrument, registry[band].index
+  return np.asarray(chips[inst]['band_valid'][:, idx], bool)
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+def diagnostics_section(emb: Embedded, data: HeldOutData, registry: bands_lib.BandRegistry,
+                        query: str, gallery: str, bands, rank_fraction: float) -> dict:
+  """Collapse diagnostics of one model (see diagnostics.py)."""
+  chips = data.chips
+  valid = {b: _valid(chips, registry, b) for b in bands}
+  ok = valid[query] & valid[gallery]
+  out = diagnostics.token_similarity_pair(
+      emb.tokens[query][ok], emb.tokens[gallery][ok], emb.token_weights[query][ok],
+      emb.token_weights[gallery][ok])
+  pooled = np.concatenate([emb.globals[b][valid[b]] for b in bands])
+  out.update(diagnostics.collapse_stats(pooled))
+  out['per_band'] = diagnostics.per_band_collapse(emb.globals, valid, rank_fraction)
+  out['n_collapsed_bands'] = int(sum(v['collapsed'] for v in out['per_band'].values()))
+  cross = diagnostics.cross_band_similarity(emb.globals, bands, valid)
+  con = np.asarray(cross['contrast'], float)
+  off = con[~np.eye(len(bands), dtype=bool)]
+  cross['mean_contrast'] = float(np.nanmean(off)) if np.isfinite(off).any() else None
+  out['cross_band'] = cross
+  toks = np.concatenate([emb.tokens[b][valid[b]].reshape(-1, emb.tokens[b].shape[-1])
+                         for b in bands])
+  tw = np.concatenate([emb.token_weights[b][valid[b]].ravel() for b in bands])
+  out['activation_weight'] = diagnostics.activation_weight_correlation(toks[None], tw[None])
+  return out
+
+
+def retrieval_section(embedded: Mapping[str, Embedded], data: HeldOutData,
+                      registry: bands_lib.BandRegistry, query: str, gallery: str) -> dict:
+  """Cross-instrument retrieval by global embedding and by token-grid matching."""
+  ok = _valid(data.chips, registry, query) & _valid(data.chips, registry, gallery)
+  n = int(ok.sum())
+  out = {'query_band': query, 'gallery_band': gallery, 'n': n,
+         'chance_top1': 1.0 / max(n, 1), 'chance_top5': min(5, n) / max(n, 1),
+         'models': {}, 'band_pairs': {}}
+  q_inst, g_inst = registry[query].instrument, registry[gallery].instrument
+  for name, emb in embedded.items():
+    if n < 2:
+      out['models'][name] = None
+      continue
+    g = embeddings.retrieval_figures(embeddings.global_scores(emb.globals[query][ok],
+                                                              emb.globals[gallery][ok]))
+    t = embeddings.retrieval_figures(embeddings.token_grid_scores(
+        emb.tokens[query][ok], emb.tokens[gallery][ok], emb.token_weights[query][ok]))
+    out['models'][name] = {'global': {k: g[k] for k in ('top1', 'top5')},
+                           'tokens': {k: t[k] for k in ('top1', 'top5')}}
+    pairs = {}
+    for qb in registry.instrument_bands(q_inst):
+      for gb in registry.instrument_bands(g_inst):
+        both = _valid(data.chips, registry, qb.name) & _valid(data.chips, registry, gb.name)
+        if both.sum() >= 2:
+          s = embeddings.global_scores(emb.globals[qb.name][both], emb.globals[gb.name][both])
+          pairs[f'{qb.name}->{gb.name}'] = embeddings.top_k_from_scores(s, 1)
+    out['band_pairs'][name] = pairs
+  return out
+
+
+def _source_properties(sources: dict) -> dict:
+  return {k: np.asarray(v, float) for k, v in sources.items()
+          if k not in ('chip',) and not k.startswith(('x_', 'y_'))}
+
+
+def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
+                      registry: bands_lib.BandRegistry, band: str, method: str, seed: int,
+                      out_dir: str, images: dict) -> dict:
+  """2-D maps and Spearman tables of global (and per-source) embeddings; comparison."""
+  ok = _valid(data.chips, registry, band)
+  out = {'method': None, 'band': band, 'properties': [], 'global': {}, 'sources': None,
+         'comparison': None}
+  if ok.sum() < 3:
+    return out
+  props = {k: np.asarray(v, float)[ok] for k, v in data.chip_properties.items()}
+  out['properties'] = embeddings.property_columns(list(props))
+  maps = {}
+  for name, emb in embedded.items():
+    z = emb.globals[band][ok]
+    out['global'][name] = embeddings.spearman_table(z, props)
+    maps[name], out['method'] = embeddings.reduce_2d(z, method, seed)
+  for prop in out['properties']:
+    images[f'embedding_global_{prop}'] = plots.embedding_map(
+        maps, props[prop], prop, f'global embeddings of {band} ({out["method"]}), '
+        f'coloured by {prop}', os.path.join(out_dir, f'embedding_global_{prop}.png'),
+        categorical=prop == 'is_star')
+  images['spearman_global'] = plots.spearman_heatmap(
+      out['global'], os.path.join(out_dir, 'spearman_global.png'))
+  # All bands pooled, coloured by wavelength: a band-agnostic embedding mixes them.
+  pooled_maps = {}
+  wl = []
+  for name, emb in embedded.items():
+    zs = [emb.globals[b][_valid(data.chips, registry, b)] for b in registry.names]
+    pooled_maps[name], _ = embeddings.reduce_2d(np.concatenate(zs), method, seed)
+  for b in registry.names:
+    wl.append(np.full(int(_valid(data.chips, registry, b).sum()), registry[b].wavelength_nm))
+  images['embedding_bands'] = plots.embedding_map(
+      pooled_maps, np.concatenate(wl), 'wavelength (nm)',
+      'global embeddings of every band (a band-agnostic encoder mixes the colours)',
+      os.path.join(out_dir, 'embedding_bands.png'))
+  out['comparison'] = embeddings.compare({n: e.globals[band][ok] for n, e in embedded.items()})
+  if data.sources is not None and len(data.sources['chip']) >= 5:
+    out['sources'] = {}
+    inst = registry[band].instrument
+    src = data.sources
+    props = _source_properties(src)
+    smaps = {}
+    chip_h = data.chips[inst]['image'].shape[2]
+    for name, emb in embedded.items():
+      token_px = chip_h / emb.grid[band][0]   # every model's grid covers the same chip
+      z = embeddings.source_tokens(emb.tokens[band], emb.grid[band], src['chip'],
+                                   src[f'x_{inst}'], src[f'y_{inst}'], token_px)
+      out['sources'][name] = embeddings.spearman_table(z, props)
+      smaps[name], _ = embeddings.reduce_2d(z, method, seed)
+    for prop in embeddings.property_columns(list(props)):
+      images[f'embedding_sources_{prop}'] = plots.embedding_map(
+          smaps, props[prop], prop, f'per-source tokens of {band} ({out["method"]}), '
+          f'coloured by {prop}', os.path.join(out_dir, f'embedding_sources_{prop}.png'),
+          categorical=prop == 'is_star')
+    images['spearman_sources'] = plots.spearman_heatmap(
+        out['sources'], os.path.join(out_dir, 'spearman_sources.png'))
+  return out
+
+
+def probes_section(models: dict, data: HeldOutData, config) -> dict:
+  """The probes scored against truth (jaisp_jax.evaluate.probes), when available."""
+  if importlib.util.find_spec('jaisp_jax.evaluate.probes') is None or data.raw is None:
+    return {'status': 'unavailable', 'note': 'probes against truth (astrometry, detection, '
+            'photometry) need jaisp_jax.evaluate.probes and its held-out loader',
+            'results': None}
+  from jaisp_jax.evaluate import probes  # pylint: disable=import-outside-toplevel
+  return {'status': 'ok', 'note': '', 'results': probes.run_probes(models, data.raw, config)}
+
+
+# -- table, summary, output ------------------------------------------------------------
+
+
+def _get(d, *path):
+  for p in path:
+    if d is None:
+      return None
+    d = d.get(p) if isinstance(d, Mapping) else None
+  return d
+
+
+def headline_table(report: dict) -> list[dict]:
+  """Every headline figure as {metric, trained, init, classical, chance, higher_is_better}."""
+  rows = []
+
+  def add(metric, getter, chance=None, higher=True):
+    vals = {m: getter(m) for m in MODELS}
+    rows.append({'metric': metric, **vals, 'chance': chance, 'higher_is_better': higher})
+
+  r = report['retrieval']
+  for method in ('global', 'tokens'):
+    for k in ('top1', 'top5'):
+      add(f'retrieval.{method}.{k}', lambda m, a=method, b=k: _get(r, 'models', m, a, b),
+          r[f'chance_{k}'])
+  d = report['diagnostics']
+  add('diag.token_similarity', lambda m: _get(d, m, 'token_similarity'), None, None)
+  add('diag.token_similarity_gap', lambda m: None if _get(d, m, 'token_similarity') is None
+      else d[m]['token_similarity'] - d[m]['token_similarity_shuffled'], 0.0)
+  for k, higher in (('effective_dim', True), ('rankme', True), ('var_min', True),
+                    ('var_loss', False)):
+    add(f'diag.{k}', lambda m, k=k: _get(d, m, k), None, higher)
+  add('diag.n_collapsed_bands', lambda m: _get(d, m, 'n_collapsed_bands'), None, False)
+  add('diag.cross_band_contrast', lambda m: _get(d, m, 'cross_band', 'mean_contrast'), 0.0)
+  add('diag.activation_weight_pearson', lambda m: _get(d, m, 'activation_weight', 'pearson'),
+      0.0)
+  e = report['embeddings']
+  for scope in ('global', 'sources'):
+    for prop in e['properties'] if scope == 'global' else sorted(
+        next(iter((e['sources'] or {}).values()), {'best': {}})['best']):
+      add(f'embed.{scope}.spearman.{prop}', lambda m, s=scope, p=prop: _get(e, s, m, 'best', p))
+  for name, value in _flat_probes(report['probes'].get('results')).items():
+    add(f'probe.{name}', lambda m, v=value: v.get(m) if isinstance(v, Mapping) else None)
+  return rows
+
+
+def _flat_probes(results) -> dict:
+  """{dotted metric: {model: value}} from the probes' nested results (model-keyed leaves)."""
+  out = {}
+
+  def walk(node, prefix):
+    if not isinstance(node, Mapping):
+      return
+    if any(m in node for m in MODELS) and all(
+        isinstance(node.get(m), (int, float)) or node.get(m) is None for m in MODELS if m in node):
+      out[prefix] = {m: node.get(m) for m in MODELS}
+      for k, v in node.items():
+        if k not in MODELS and isinstance(v, (int, float)):
+          out[prefix][k] = v
+      return
+    for k, v in node.items():
+      walk(v, f'{prefix}.{k}' if prefix else str(k))
+
+  walk(results, '')
+  return out
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return '-'
+  if isinstance(v, bool):
+    return str(v)
+  if isinstance(v, int):
+    return str(v)
+  return f'{v:.3f}' if abs(v) < 100 else f'{v:.1f}'
+
+
+_SUMMARY_METRICS = ('retrieval.global.top1', 'retrieval.tokens.top1', 'diag.token_similarity',
+                    'diag.token_similarity_gap', 'diag.effective_dim', 'diag.rankme',
+                    'diag.n_collapsed_bands', 'diag.cross_band_contrast',
+                    'diag.activation_weight_pearson')
+
+
+def summary_lines(report: dict) -> list[str]:
+  """The short summary printed at the end of `evaluate` (also stored in the report)."""
+  run, data, r = report['run'], report['data'], report['retrieval']
+  lines = [f'evaluation of {run["variant"]} at step {run["step"]} on {data["n_chips"]} '
+           f'held-out chips ({data["split"]}; truth: {"yes" if data["has_truth"] else "no"})',
+           f'  {"":34s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}']
+  wanted = set(_SUMMARY_METRICS) | {row['metric'] for row in report['table']
+                                    if row['metric'].startswith('probe.')}
+  for row in report['table']:
+    if row['metric'] in wanted:
+      lines.append(f'  {row["metric"]:34s} {_fmt(row["trained"]):>9s} {_fmt(row["init"]):>9s} '
+                   f'{_fmt(row["classical"]):>9s} {_fmt(row["chance"]):>8s}')
+  top = _get(r, 'models', 'trained', 'global', 'top1')
+  ref = max([x for x in (_get(r, 'models', 'init', 'global', 'top1'), r['chance_top1'])
+             if x is not None])
+  if top is not None:
+    lines.append('  retrieval ' + (f'beats init and chance ({r["query_band"]} -> '
+                                   f'{r["gallery_band"]})' if top > ref else
+                                   'does NOT beat init/chance'))
+  if report['probes']['status'] != 'ok':
+    lines.append(f'  probes: {report["probes"]["status"]} ({report["probes"]["note"]})')
+  lines.append(f'  report: {report["report_path"]}')
+  return lines
+
+
+def _clean(x):
+  """JSON-safe copy: numpy scalars -> Python, NaN/inf -> None, tuples -> lists."""
+  if isinstance(x, Mapping):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _clean(x.tolist())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
+def _write_json(path: str, obj: dict):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
+  os.replace(tmp, path)
+
+
+def _write_tensorboard(workdir: str, step: int, report: dict, images: dict):
+  from jaisp_jax.train import reporting  # pylint: disable=import-outside-toplevel
+  writer = reporting.create_writer(workdir)
+  scalars = {}
+  for row in report['table']:
+    for m in MODELS:
+      if isinstance(row[m], (int, float)) and not isinstance(row[m], bool):
+        scalars[f'eval/{row["metric"]}/{m}'] = float(row[m])
+  writer.write_scalars(step, scalars)
+  writer.write_images(step, {f'eval/{k}': v[None] for k, v in images.items()})
+  writer.write_texts(step, {'eval/summary': '\n'.join(report['summary'])})
+  writer.flush()
+  writer.close()
+
+
+# -- the suite -----------------------------------------------------------------------
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int | None = None,
+             embedding_method: str = 'umap', seed: int = 0, data: HeldOutData | None = None,
+             params: Any = None, step: int | None = None,
+             print_fn: Callable[[str], None] | None = None) -> dict:
+  """Evaluates the latest checkpoint of `workdir`; writes W/eval/ and returns the report.
+
+  Args:
+    config: the run's config (as for training).
+    max_chips: held-out chips to use (default `config.eval.max_chips`).
+    embedding_method: 'umap' (falls back to PCA without umap-learn) or 'pca'.
+    seed: seed of everything random in the suite (2-D maps, shuffled controls).
+    data: held-out chips to use instead of the config's validation split (e.g. user
+      tiles without truth).
+    params, step: evaluate these EMA params instead of the latest checkpoint's.
+  """
+  t0 = time.time()
+  print_fn = print_fn or (lambda s: print(s, flush=True))
+  registry = bands_lib.BandRegistry.from_config(config.bands)
+  bands = list(registry.names)
+  query, gallery = config.eval.query_band, config.eval.gallery_band
+  for b in (query, gallery):
+    if b not in registry:
+      raise UserError(f'config.eval: band {b!r} is not in the registry ({", ".join(bands)})')
+  if params is None:
+    step, params = restore_ema_params(config, workdir)
+  step = int(step or 0)
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  if data is None:
+    data = load_heldout(config, registry, max_chips or int(config.eval.max_chips))
+  models = {'trained': inference.from_params(params, config, registry),
+            'init': inference.from_params(_init_params(config), config, registry)}
+  classical = embeddings.PixelBaseline(registry, config.model.token_arcsec,
+                                       config.model.infomap.snr_threshold,
+                                       config.model.infomap.softness)
+  embedded = {name: embed_chips(rep, data.chips, registry, bands)
+              for name, rep in {**models, 'classical': classical}.items()}
+  notes = list(data.notes)
+  images: dict[str, np.ndarray] = {}
+
+  report: dict[str, Any] = {
+      'schema_version': SCHEMA_VERSION,
+      'run': {'workdir': os.path.abspath(workdir), 'variant': config.model.variant,
+              'step': step, 'seed': int(config.seed),
+              'embed_dim': int(embedded['trained'].globals[query].shape[1])},
+      'data': {'split': config.data.eval_split, 'n_chips': data.n,
+               'has_truth': data.sources is not None,
+               'n_sources': None if data.sources is None else int(len(data.sources['chip'])),
+               'source': data.description, 'bands': bands, 'query_band': query,
+               'gallery_band': gallery,
+               'crop_px': {i: int(data.chips[i]['image'].shape[-1]) for i in data.chips}},
+      'models': {'trained': f'EMA target parameters of checkpoint {step}',
+                 'init': f'the same architecture at initialisation (seed {config.seed})',
+                 'classical': 'pixels in noise units at the coarsest pixel scale (no learning)'},
+  }
+  report['diagnostics'] = {
+      name: diagnostics_section(emb, data, registry, query, gallery, bands,
+                                config.eval.collapse_rank_fraction)
+      for name, emb in embedded.items()}
+  report['retrieval'] = retrieval_section(embedded, data, registry, query, gallery)
+  report['embeddings'] = embedding_section(embedded, data, registry, query, embedding_method,
+                                           seed, out_dir, images)
+  if report['embeddings']['method'] == 'pca' and embedding_method == 'umap':
+    notes.append('2-D maps use PCA: umap-learn is not installed or there are < 10 chips')
+  if data.sources is None:
+    notes.append('no truth catalog: per-source maps and truth-scored probes skipped; '
+                 'global maps are coloured by image statistics')
+  report['probes'] = probes_section(models, data, config)
+  _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, images)
+  report['table'] = headline_table(report)
+  report['plots'] = sorted(f for f in os.listdir(out_dir) if f.endswith('.png'))
+  report['notes'] = notes
+  report['report_path'] = os.path.join(out_dir, 'report.json')
+  report['summary'] = summary_lines(report)
+  report['seconds'] = round(time.time() - t0, 1)
+  report = _clean(report)
+  if jax.process_index() == 0:
+    _write_json(report['report_path'], report)
+    _write_tensorboard(workdir, step, report, images)
+    print_fn('\n'.join(report['summary']))
+  return report
+
+
+def _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, images):
+  d = report['diagnostics']
+  images['cross_band_similarity'] = plots.band_matrix(
+      {m: np.asarray(d[m]['cross_band']['matrix'], float) for m in embedded}, bands,
+      'same chip, band i vs band j: mean cosine of global embeddings',
+      os.path.join(out_dir, 'cross_band_similarity.png'))
+  images['cross_band_contrast'] = plots.band_matrix(
+      {m: np.asarray(d[m]['cross_band']['contrast'], float) for m in embedded}, bands,
+      'same-chip minus other-chip cosine (0 = no chip information)',
+      os.path.join(out_dir, 'cross_band_contrast.png'))
+  show = bands[::max(1, len(bands) // 4)][:4]
+  imgs, ws, titles = [], [], []
+  for b in show:
+    i_inst, idx = registry[b].instrument, registry[b].index
+    imgs.append(data.chips[i_inst]['image'][0, idx])
+    ws.append(embedded['trained'].pixel_weights[b][0])
+    titles.append(f'chip 0, {b}')
+  images['infomap_overlay'] = plots.infomap_overlay(imgs, ws, titles,
+                                                    os.path.join(out_dir, 'infomap_overlay.png'))
+  scatter = {}
+  for m, emb in embedded.items():
+    scatter[m] = (emb.token_weights[query].ravel(),
+                  np.linalg.norm(emb.tokens[query], axis=-1).ravel(),
+                  d[m]['activation_weight']['pearson'] or 0.0)
+  images['activation_vs_weight'] = plots.activation_vs_weight(
+      scatter, os.path.join(out_dir, 'activation_vs_weight.png'))
+  images['per_band_collapse'] = plots.per_band_bars(
+      {m: d[m]['per_band'] for m in embedded}, bands, ('effective_dim', 'rankme', 'var_mean'),
+      os.path.join(out_dir, 'per_band_collapse.png'))
+  r = report['retrieval']
+  if all(r['models'].get(m) for m in embedded):
+    images['retrieval'] = plots.retrieval_bars(
+        r['models'], r['chance_top1'], r['chance_top5'],
+        f'retrieval {r["query_band"]} -> {r["gallery_band"]} among {r["n"]} held-out chips',
+        os.path.join(out_dir, 'retrieval.png'))
+
+
+def main_print(report: dict) -> None:
+  """Prints a stored report's summary (e.g. `python -m jaisp_jax.evaluate.suite W`)."""
+  print('\n'.join(report['summary']))
+
+
+if __name__ == '__main__':
+  with open(os.path.join(sys.argv[1], 'eval', 'report.json')) as f:
+    main_print(json.load(f))
