@@ -73,6 +73,7 @@ def test_spearman_table_finds_the_encoded_property():
   t = embeddings.spearman_table(z, props, n_components=3)
   assert t['best']['mag'] > 0.99
   assert t['best']['unrelated'] < 0.25
+  assert t['null']['mag'] < 0.25          # shuffled property: chance level
   assert t['n']['with_nan'] == n - 5 and t['best']['with_nan'] > 0.99
   assert len(t['rho']['mag']) == 3
 

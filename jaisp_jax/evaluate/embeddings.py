@@ -213,31 +213,44 @@ def source_tokens(tokens: np.ndarray, grid: tuple[int, int], chip_index: np.ndar
 # -- correlations with truth ---------------------------------------------------------
 
 
+def _abs_rhos(proj: np.ndarray, v: np.ndarray) -> list[float]:
+  rhos = []
+  for c in range(proj.shape[1]):
+    if v.size < 5 or np.ptp(v) == 0 or np.ptp(proj[:, c]) == 0:
+      rhos.append(float('nan'))
+    else:
+      rhos.append(float(abs(stats.spearmanr(proj[:, c], v).statistic)))
+  return rhos
+
+
+def _max_finite(values) -> float:
+  finite = [r for r in values if np.isfinite(r)]
+  return max(finite) if finite else float('nan')
+
+
 def spearman_table(z: np.ndarray, properties: Mapping[str, np.ndarray],
-                   n_components: int = 5) -> dict:
+                   n_components: int = 5, seed: int = 0) -> dict:
   """|Spearman rho| of each of the top principal components of z with each property.
 
   Rows with a non-finite property value are left out for that property. Returns
   {'components': k, 'explained_variance': [k], 'rho': {prop: [k]}, 'best': {prop:
-  max |rho|}, 'n': {prop: rows used}}; rho is NaN where fewer than 5 rows remain or
-  the property is constant.
+  max |rho|}, 'null': {prop: the same max with the property randomly permuted over
+  the rows}, 'n': {prop: rows used}}. `null` is the level that chance reaches with k
+  components and n rows (a best |rho| near it means nothing). rho is NaN where fewer
+  than 5 rows remain or the property is constant.
   """
   proj, ratio = pca(z, n_components)
   k = proj.shape[1]
+  rng = np.random.default_rng(seed)
   table = {'components': int(k), 'explained_variance': ratio.tolist(), 'rho': {},
-           'best': {}, 'n': {}}
+           'best': {}, 'null': {}, 'n': {}}
   for name, values in properties.items():
     v = np.asarray(values, np.float64)
     ok = np.isfinite(v)
-    rhos = []
-    for c in range(k):
-      if ok.sum() < 5 or np.ptp(v[ok]) == 0 or np.ptp(proj[ok, c]) == 0:
-        rhos.append(float('nan'))
-      else:
-        rhos.append(float(abs(stats.spearmanr(proj[ok, c], v[ok]).statistic)))
+    rhos = _abs_rhos(proj[ok], v[ok])
     table['rho'][name] = rhos
-    finite = [r for r in rhos if np.isfinite(r)]
-    table['best'][name] = max(finite) if finite else float('nan')
+    table['best'][name] = _max_finite(rhos)
+    table['null'][name] = _max_finite(_abs_rhos(proj[ok], rng.permutation(v[ok])))
     table['n'][name] = int(ok.sum())
   return table
 

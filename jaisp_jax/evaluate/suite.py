@@ -37,7 +37,7 @@ computed is null, never NaN):
   probes          {status: 'ok' | 'skipped' | 'unavailable', note, results: {...} | null}
   table           [{metric, trained, init, classical, chance, higher_is_better}]: every
                   headline figure in one flat list (what compare_objectives tabulates)
-  plots           [file names in W/eval]
+  plots           [file names in W/eval written by this evaluation]
   notes           [strings]: what was skipped or approximated, and why
   summary         [the lines printed at the end]
 """
@@ -80,8 +80,8 @@ class HeldOutData:
   Attributes:
     chips: {instrument: {'image', 'rms', 'mask': (N, n_bands, H, W), 'band_valid':
       (N, n_bands)}}, pixels in the batch contract's noise units.
-    sources: per-source truth {'chip': (S,), 'x_<inst>', 'y_<inst>': (S,) pixel
-      position in the chip, property columns (S,)} or None (user data).
+    sources: per-source truth {'chip': (S,), 'x', 'y': (S, n_bands) pixel position in
+      the chip of each band's instrument, property columns (S,)} or None (user data).
     chip_properties: {name: (N,)} per-chip values to colour global maps by.
     description: where the chips came from.
     notes: caveats to put in the report.
@@ -163,6 +163,52 @@ def _init_params_cached(config_json: str):
   # Initialising compiles the whole model (seconds); evaluating the same config again
   # in one process (tests, compare_objectives' helper) reuses it.
   return inference.init_params(ml_collections.ConfigDict(json.loads(config_json)))
+
+
+def from_heldout(heldout, query_band: str, min_snr: float = 5.0) -> HeldOutData:
+  """`HeldOutData` of a `jaisp_jax.evaluate.heldout.HeldOut` (read by attribute only).
+
+  Pixels go to noise units (divided by the chip's median rms per band, as the input
+  pipeline does). Per-source truth keeps the sources inside their chip detected at
+  S/N >= `min_snr` in `query_band` (a token cannot describe what it cannot see), with
+  properties mag (query band), colour (g - i where both exist), size (half-light
+  radius, arcsec; 0 for stars), is_star and redshift.
+  """
+  reg = heldout.registry
+  chips = {}
+  for inst in heldout.instruments:
+    scale = np.asarray(heldout.rms_scale[inst], np.float32)[:, :, None, None]
+    ids = [reg.band_id(b.name) for b in reg.instrument_bands(inst)]
+    chips[inst] = {'image': np.asarray(heldout.images[inst], np.float32) / scale,
+                   'rms': np.asarray(heldout.rms[inst], np.float32) / scale,
+                   'mask': np.asarray(heldout.mask[inst], np.float32),
+                   'band_valid': np.asarray(heldout.band_valid)[:, ids]}
+  props = _pixel_properties(chips, reg, query_band)
+  sources = None
+  t = heldout.truth
+  if t is not None:
+    q = reg.band_id(query_band)
+    sel = np.asarray(t.in_chip, bool) & (np.asarray(t.snr)[:, q] >= min_snr) & np.isfinite(
+        np.asarray(t.mag)[:, q])
+    is_star = (np.asarray(t.type) == 'star')
+    sources = {'chip': np.asarray(t.chip)[sel], 'x': np.asarray(t.x)[sel],
+               'y': np.asarray(t.y)[sel], 'mag': np.asarray(t.mag)[sel, q]}
+    if 'rubin_g' in reg and 'rubin_i' in reg:
+      colour = t.colour(reg.band_id('rubin_g'), reg.band_id('rubin_i'))[sel]
+      sources['colour'] = np.where(np.isfinite(colour), colour, np.nan)
+    sources.update(size=np.asarray(t.size_arcsec)[sel], is_star=is_star[sel].astype(float),
+                   redshift=np.asarray(t.redshift)[sel])
+    n = heldout.n_chips
+    chip_of = sources['chip']
+    props['n_sources'] = np.bincount(chip_of, minlength=n).astype(float)
+    brightest = np.full(n, np.nan)
+    np.fmin.at(brightest, chip_of, sources['mag'])
+    props['mag_brightest'] = brightest
+    stars = np.bincount(chip_of, weights=sources['is_star'], minlength=n)
+    props['star_fraction'] = np.where(props['n_sources'] > 0,
+                                      stars / np.maximum(props['n_sources'], 1), np.nan)
+  return HeldOutData(chips=chips, sources=sources, chip_properties=props,
+                     description=heldout.source, notes=list(heldout.notes), raw=heldout)
 
 
 # -- embedding -----------------------------------------------------------------------
@@ -279,8 +325,7 @@ def retrieval_section(embedded: Mapping[str, Embedded], data: HeldOutData,
 
 
 def _source_properties(sources: dict) -> dict:
-  return {k: np.asarray(v, float) for k, v in sources.items()
-          if k not in ('chip',) and not k.startswith(('x_', 'y_'))}
+  return {k: np.asarray(v, float) for k, v in sources.items() if k not in ('chip', 'x', 'y')}
 
 
 def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
@@ -297,7 +342,7 @@ def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
   maps = {}
   for name, emb in embedded.items():
     z = emb.globals[band][ok]
-    out['global'][name] = embeddings.spearman_table(z, props)
+    out['global'][name] = embeddings.spearman_table(z, props, seed=seed)
     maps[name], out['method'] = embeddings.reduce_2d(z, method, seed)
   for prop in out['properties']:
     images[f'embedding_global_{prop}'] = plots.embedding_map(
@@ -328,9 +373,10 @@ def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
     chip_h = data.chips[inst]['image'].shape[2]
     for name, emb in embedded.items():
       token_px = chip_h / emb.grid[band][0]   # every model's grid covers the same chip
+      b = registry.band_id(band)
       z = embeddings.source_tokens(emb.tokens[band], emb.grid[band], src['chip'],
-                                   src[f'x_{inst}'], src[f'y_{inst}'], token_px)
-      out['sources'][name] = embeddings.spearman_table(z, props)
+                                   src['x'][:, b], src['y'][:, b], token_px)
+      out['sources'][name] = embeddings.spearman_table(z, props, seed=seed)
       smaps[name], _ = embeddings.reduce_2d(z, method, seed)
     for prop in embeddings.property_columns(list(props)):
       images[f'embedding_sources_{prop}'] = plots.embedding_map(
@@ -391,7 +437,9 @@ def headline_table(report: dict) -> list[dict]:
   for scope in ('global', 'sources'):
     for prop in e['properties'] if scope == 'global' else sorted(
         next(iter((e['sources'] or {}).values()), {'best': {}})['best']):
-      add(f'embed.{scope}.spearman.{prop}', lambda m, s=scope, p=prop: _get(e, s, m, 'best', p))
+      # chance: the best |rho| of the trained embedding with the property shuffled.
+      add(f'embed.{scope}.spearman.{prop}', lambda m, s=scope, p=prop: _get(e, s, m, 'best', p),
+          _get(e, scope, 'trained', 'null', prop))
   for name, value in _flat_probes(report['probes'].get('results')).items():
     add(f'probe.{name}', lambda m, v=value: v.get(m) if isinstance(v, Mapping) else None)
   return rows
@@ -571,7 +619,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
   report['probes'] = probes_section(models, data, config)
   _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, images)
   report['table'] = headline_table(report)
-  report['plots'] = sorted(f for f in os.listdir(out_dir) if f.endswith('.png'))
+  report['plots'] = sorted(f'{k}.png' for k in images)
   report['notes'] = notes
   report['report_path'] = os.path.join(out_dir, 'report.json')
   report['summary'] = summary_lines(report)
