@@ -25,7 +25,7 @@ def _check_png(path, returned):
 def _cases(tmp):
   rng = np.random.default_rng(0)
   m = {n: rng.uniform(size=(3, 3)) for n in ('trained', 'init', 'classical')}
-  per_band = {n: {b: {'effective_dim': 3.0 + i, 'rankme': 5.0, 'var_mean': 0.1 * (i + 1)}
+  per_band = {n: {b: {'effective_dim': 3.0 + i, 'rankme': 5.0, 'var_mean': 0.1 * i}
                   for i, b in enumerate(BANDS)} for n in ('trained', 'init')}
   table = embeddings.spearman_table(rng.normal(size=(40, 6)),
                                     {'mag': rng.normal(size=40), 'size': rng.normal(size=40)}, 3)

@@ -120,13 +120,17 @@ def per_band_bars(per_band: Mapping[str, Mapping[str, Mapping[str, float]]],
   width = 0.8 / max(len(models), 1)
   x = np.arange(len(bands))
   for ax, key in zip(axes, keys):
+    shown = []
     for m, name in enumerate(models):
       vals = [per_band[name].get(b, {}).get(key, np.nan) for b in bands]
+      vals = [np.nan if v is None else float(v) for v in vals]
+      shown += vals
       ax.bar(x + (m - (len(models) - 1) / 2) * width, vals, width, label=name)
     ax.set_xticks(x, [b.split('_', 1)[-1] for b in bands], fontsize=7)
     ax.set_title(key, fontsize=9)
-    if key.startswith('var'):
-      ax.set_yscale('log')
+    finite = np.asarray(shown)[np.isfinite(shown)]
+    if key.startswith('var') and finite.size and np.all(finite > 0):
+      ax.set_yscale('log')   # variances span decades; a dead band (0) keeps it linear
   axes[0].legend(fontsize=7)
   fig.suptitle('per-band collapse check (global embeddings)', fontsize=10)
   return save(fig, path)
