@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaisp_jax.cli import UserError
 
@@ -92,8 +93,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     where = os.path.join(self.directory, str(step))
     try:
-      saved = _as_tree(
-          ocp.StandardCheckpointer().metadata(os.path.join(where, 'state')).item_metadata)
+      saved = _as_tree(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(os.path.join(where, 'state'))))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'{where}: cannot read the checkpoint metadata '
                             f'({type(e).__name__}: {e}); it may be corrupted') from None
