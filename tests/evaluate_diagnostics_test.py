@@ -89,6 +89,15 @@ def test_activation_weight_correlation():
   assert out['pearson'] == pytest.approx(1.0)
   assert out['spearman'] == pytest.approx(1.0)
   assert out['n_tokens'] == 64
+  # LayerNorm-like tokens: constant norm, but the deviation from the mean token (mostly
+  # sky, as in real chips) grows with the weight as a source direction is mixed in:
+  # only the centred measure sees it.
+  u = rng.uniform(size=(40, 50))
+  w = np.where(rng.uniform(size=u.shape) < 0.9, 0.02 * u, u)
+  sky, src = np.eye(8)[0], np.eye(8)[1]
+  mixed = (np.cos(w)[..., None] * sky + np.sin(w)[..., None] * src) * np.sqrt(8)
+  out = diagnostics.activation_weight_correlation(mixed, w)
+  assert out['pearson'] == 0.0 and out['pearson_centred'] > 0.9
   noise = diagnostics.activation_weight_correlation(rng.normal(size=(40, 50, 8)),
                                                     rng.uniform(size=(40, 50)))
   assert abs(noise['pearson']) < 0.1

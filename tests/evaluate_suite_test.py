@@ -79,7 +79,8 @@ def check_schema(report):
       assert _is_num(d[k]), (m, k)
     n = len(report['data']['bands'])
     assert np.asarray(d['cross_band']['matrix'], float).shape == (n, n)
-    assert set(d['activation_weight']) == {'pearson', 'spearman', 'n_tokens'}
+    assert set(d['activation_weight']) == {'pearson', 'spearman', 'pearson_centred',
+                                           'spearman_centred', 'n_tokens'}
     for stats in d['per_band'].values():
       assert isinstance(stats['collapsed'], bool) and _is_num(stats['effective_dim'])
   r = report['retrieval']

@@ -16,7 +16,9 @@ and return plain floats / lists, so the suite can put them in report.json as the
   cross_band         (n_bands, n_bands) mean cosine of the global embeddings of the same
                      chip in band i and band j, and its contrast with different chips.
   activation_weight  correlation of the token norm with the information-map weight of
-                     the token (seed: positive, tokens activate where sources are).
+                     the token (seed: positive, tokens activate where sources are); also
+                     of the norm of the token's deviation from the mean token, since a
+                     final LayerNorm makes raw norms nearly constant.
 """
 
 from __future__ import annotations
@@ -134,19 +136,46 @@ def cross_band_similarity(global_by_band: Mapping[str, np.ndarray], bands: Seque
   return {'bands': list(bands), 'matrix': matrix.tolist(), 'contrast': contrast.tolist()}
 
 
+def token_activation(tokens: np.ndarray, centred: bool = True) -> np.ndarray:
+  """(B, N) token activation: L2 norm of each token, or of its deviation from the mean token.
+
+  Trunks end in a LayerNorm, so raw token norms are nearly constant (~sqrt(D)) whatever
+  the input; the deviation from the mean token (mostly sky) is what can light up on
+  sources.
+  """
+  t = np.asarray(tokens, np.float64)
+  if centred:
+    t = t - t.reshape(-1, t.shape[-1]).mean(axis=0)
+  return np.linalg.norm(t, axis=-1)
+
+
+def _constant(x: np.ndarray) -> bool:
+  # Round-off on a constant (e.g. LayerNorm'ed norms) must not yield a correlation.
+  return bool(np.std(x) <= 1e-9 * max(float(np.mean(np.abs(x))), 1e-30))
+
+
+def _correlations(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  if a.size < 3 or _constant(a) or _constant(b):
+    return 0.0, 0.0
+  return float(np.corrcoef(a, b)[0, 1]), float(stats.spearmanr(a, b).statistic)
+
+
 def activation_weight_correlation(tokens: np.ndarray, token_weights: np.ndarray
                                   ) -> dict[str, float]:
-  """Pearson and Spearman correlation of token L2 norm with token information weight.
+  """Correlation of token activation with token information weight.
 
   Args:
     tokens: (B, N, D) tokens; token_weights: (B, N) information weights in [0, 1].
+  Returns:
+    {'pearson', 'spearman'}: of the raw token L2 norm (seed 000's diagnostic);
+    {'pearson_centred', 'spearman_centred'}: of the norm of the token minus the mean
+    token (see `token_activation`); 'n_tokens'.
   """
-  norm = np.linalg.norm(np.asarray(tokens, np.float64), axis=-1).ravel()
   w = np.asarray(token_weights, np.float64).ravel()
-  if norm.size < 3 or np.std(norm) == 0 or np.std(w) == 0:
-    return {'pearson': 0.0, 'spearman': 0.0, 'n_tokens': int(norm.size)}
-  return {'pearson': float(np.corrcoef(norm, w)[0, 1]),
-          'spearman': float(stats.spearmanr(norm, w).statistic), 'n_tokens': int(norm.size)}
+  p, s = _correlations(token_activation(tokens, centred=False).ravel(), w)
+  pc, sc = _correlations(token_activation(tokens, centred=True).ravel(), w)
+  return {'pearson': p, 'spearman': s, 'pearson_centred': pc, 'spearman_centred': sc,
+          'n_tokens': int(w.size)}
 
 
 def token_similarity_pair(tokens_a: np.ndarray, tokens_b: np.ndarray, weights_a: np.ndarray,

@@ -96,9 +96,9 @@ def infomap_overlay(images: Sequence[np.ndarray], weights: Sequence[np.ndarray],
 
 def activation_vs_weight(data: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
                          path: str, max_points: int = 4000, seed: int = 0) -> np.ndarray:
-  """Scatter of token norm against token information weight, one panel per model.
+  """Scatter of token activation against token information weight, one panel per model.
 
-  `data[name] = (weights (T,), norms (T,), pearson r)`.
+  `data[name] = (weights (T,), activations (T,), pearson r)`.
   """
   fig, axes = _panels(len(data))
   rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def activation_vs_weight(data: Mapping[str, tuple[np.ndarray, np.ndarray, float]
     idx = rng.permutation(w.size)[:max_points]
     ax.scatter(w[idx], norm[idx], s=3, alpha=0.4, color='tab:blue')
     ax.set_xlabel('token information weight')
-    ax.set_ylabel('token L2 norm')
+    ax.set_ylabel('|token - mean token|')
     ax.set_title(f'{name}: Pearson r = {r:.2f}', fontsize=9)
   return save(fig, path)
 

@@ -26,7 +26,8 @@ computed is null, never NaN):
                    rankme, embed_dim, n, per_band: {band: {var_loss, var_min, var_mean,
                    effective_dim, rankme, embed_dim, n, collapsed}}, n_collapsed_bands,
                    cross_band: {bands, matrix, contrast, mean_contrast},
-                   activation_weight: {pearson, spearman, n_tokens}}}
+                   activation_weight: {pearson, spearman, pearson_centred,
+                   spearman_centred, n_tokens}}}
   retrieval       {query_band, gallery_band, n, chance_top1, chance_top5,
                    models: {model: {global: {top1, top5}, tokens: {top1, top5}}},
                    band_pairs: {model: {'<q>-><g>': global top1}}}
@@ -433,6 +434,8 @@ def headline_table(report: dict) -> list[dict]:
   add('diag.cross_band_contrast', lambda m: _get(d, m, 'cross_band', 'mean_contrast'), 0.0)
   add('diag.activation_weight_pearson', lambda m: _get(d, m, 'activation_weight', 'pearson'),
       0.0)
+  add('diag.activation_weight_pearson_centred',
+      lambda m: _get(d, m, 'activation_weight', 'pearson_centred'), 0.0)
   e = report['embeddings']
   for scope in ('global', 'sources'):
     for prop in e['properties'] if scope == 'global' else sorted(
@@ -479,7 +482,7 @@ def _fmt(v) -> str:
 _SUMMARY_METRICS = ('retrieval.global.top1', 'retrieval.tokens.top1', 'diag.token_similarity',
                     'diag.token_similarity_gap', 'diag.effective_dim', 'diag.rankme',
                     'diag.n_collapsed_bands', 'diag.cross_band_contrast',
-                    'diag.activation_weight_pearson')
+                    'diag.activation_weight_pearson_centred')
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -654,8 +657,8 @@ def _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, i
   scatter = {}
   for m, emb in embedded.items():
     scatter[m] = (emb.token_weights[query].ravel(),
-                  np.linalg.norm(emb.tokens[query], axis=-1).ravel(),
-                  d[m]['activation_weight']['pearson'] or 0.0)
+                  diagnostics.token_activation(emb.tokens[query]).ravel(),
+                  d[m]['activation_weight']['pearson_centred'] or 0.0)
   images['activation_vs_weight'] = plots.activation_vs_weight(
       scatter, os.path.join(out_dir, 'activation_vs_weight.png'))
   images['per_band_collapse'] = plots.per_band_bars(
