@@ -95,7 +95,7 @@ def check_schema(report):
   assert set(e) == {'method', 'band', 'properties', 'global', 'sources', 'comparison'}
   assert e['method'] in ('umap', 'pca')
   assert set(report['probes']) == {'status', 'note', 'results'}
-  assert report['probes']['status'] in ('ok', 'skipped', 'unavailable')
+  assert report['probes']['status'] in ('ok', 'skipped')
   assert report['table'] and all(
       set(row) == {'metric', 'trained', 'init', 'classical', 'chance', 'higher_is_better'}
       and all(_is_num(row[m]) for m in suite.MODELS) for row in report['table'])
@@ -168,3 +168,44 @@ def test_user_data_without_truth_is_deterministic(run, tmp_path):
 def test_no_checkpoint_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match='no checkpoints'):
     suite.evaluate(tiny_config(), str(tmp_path), embedding_method='pca')
+
+
+def test_probe_rows_follow_the_probes_schema():
+  stats = lambda v: {'rms_mas': v, 'median_mas': v / 2, 'n': 10, 'n_failed': 0}  # noqa: E731
+  det = lambda c, p: {'completeness': {'snr>5': c, 'snr>10': c + 0.1}, 'purity': p,  # noqa: E731
+                      'f1': 2 * c * p / (c + p)}
+  results = {
+      'astrometry': {
+          'baselines': {'chip_level': {'zero': stats(40.0), 'centroid': stats(12.0),
+                                       'xcorr': stats(9.0)},
+                        'per_source': {'zero': {'all': stats(45.0)},
+                                       'centroid': {'all': stats(20.0)}},
+                        'pixels_shift_sensitivity': {'drop_at_100mas': 0.05}},
+          'models': {m: {'chip_level': {'head': stats(v), 'register': stats(v + 1),
+                                        'head_shuffled': stats(41.0)},
+                         'per_source': {'head': {'all': stats(v + 2)}},
+                         'shift_sensitivity': {'drop_at_100mas': 0.01}}
+                     for m, v in (('trained', 15.0), ('init', 30.0))}},
+      'detection': {'baselines': {'rubin_r': {'sep': det(0.9, 0.95), 'random': det(0.1, 0.1)}},
+                    'models': {'trained': {'rubin_r': {'head': det(0.8, 0.7)}},
+                               'init': {'rubin_r': {'head': det(0.5, 0.4)}}}},
+      'photometry': {'baselines': {'rubin_g-rubin_i': {'median': {'scatter_mag': 0.5},
+                                                       'aperture': {'scatter_mag': 0.1}}},
+                     'models': {'trained': {'rubin_g-rubin_i': {'head': {'scatter_mag': 0.2}}}}},
+  }
+  rows = {r['metric']: r for r in suite.probe_rows(results)}
+  head = rows['probe.astrometry.head_rms_mas']
+  assert (head['trained'], head['init'], head['classical'], head['chance']) == (15.0, 30.0, 9.0,
+                                                                                40.0)
+  assert head['higher_is_better'] is False
+  assert rows['probe.astrometry.register_rms_mas']['trained'] == 16.0
+  assert rows['probe.astrometry.per_source_head_rms_mas']['classical'] == 20.0
+  assert rows['probe.astrometry.shift_drop_at_100mas']['classical'] == 0.05
+  c10 = rows['probe.detection.rubin_r.completeness_snr>10']
+  assert (c10['trained'], c10['classical'], c10['chance']) == (0.9, 1.0, 0.2)
+  phot = rows['probe.photometry.rubin_g-rubin_i.scatter_mag']
+  assert (phot['trained'], phot['init'], phot['classical'], phot['chance']) == (0.2, None, 0.1,
+                                                                                0.5)
+  assert all(r['classical'] is not None or r['metric'].endswith('shuffled_rms_mas')
+             for r in rows.values())
+  assert suite.probe_rows(None) == [] and suite.probe_rows({}) == []

@@ -35,7 +35,9 @@ computed is null, never NaN):
                    global: {model: spearman table}, sources: {model: table} | null,
                    comparison: {models, cka, profile_cosine}}
                    (spearman table = embeddings.spearman_table's dict)
-  probes          {status: 'ok' | 'skipped' | 'unavailable', note, results: {...} | null}
+  probes          {status: 'ok' | 'skipped', note (what was skipped and why), results:
+                   probes.run_probes' dict (its own schema, 'jaisp_jax.evaluate.probes/1')
+                   | null}
   table           [{metric, trained, init, classical, chance, higher_is_better}]: every
                   headline figure in one flat list (what compare_objectives tabulates)
   plots           [file names in W/eval written by this evaluation]
@@ -47,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -389,14 +390,25 @@ def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
   return out
 
 
-def probes_section(models: dict, data: HeldOutData, config) -> dict:
-  """The probes scored against truth (jaisp_jax.evaluate.probes), when available."""
-  if importlib.util.find_spec('jaisp_jax.evaluate.probes') is None or data.raw is None:
-    return {'status': 'unavailable', 'note': 'probes against truth (astrometry, detection, '
-            'photometry) need jaisp_jax.evaluate.probes and its held-out loader',
-            'results': None}
+def probes_section(models: dict, data: HeldOutData, overrides: Mapping | None,
+                   log: Callable[[str], None]) -> dict:
+  """The probes scored against truth (`jaisp_jax.evaluate.probes.run_probes`).
+
+  Args:
+    overrides: `ProbesConfig.from_dict` overrides (e.g. {'probes': ['detection']});
+      {'probes': []} skips them all.
+  """
+  if data.raw is None:
+    return {'status': 'skipped', 'note': 'held-out chips were given as arrays without a '
+            'HeldOut object; the probes need one', 'results': None}
+  if overrides is not None and not overrides.get('probes', True):
+    return {'status': 'skipped', 'note': 'probes disabled (probes_config)', 'results': None}
   from jaisp_jax.evaluate import probes  # pylint: disable=import-outside-toplevel
-  return {'status': 'ok', 'note': '', 'results': probes.run_probes(models, data.raw, config)}
+  cfg = probes.ProbesConfig.from_dict(dict(overrides or {}))
+  results = probes.run_probes(models, data.raw, cfg, log=log)
+  skipped = results.get('skipped') or {}
+  note = '; '.join(f'{k}: {v}' for k, v in skipped.items())
+  return {'status': 'ok', 'note': note, 'results': results}
 
 
 # -- table, summary, output ------------------------------------------------------------
@@ -443,30 +455,75 @@ def headline_table(report: dict) -> list[dict]:
       # chance: the best |rho| of the trained embedding with the property shuffled.
       add(f'embed.{scope}.spearman.{prop}', lambda m, s=scope, p=prop: _get(e, s, m, 'best', p),
           _get(e, scope, 'trained', 'null', prop))
-  for name, value in _flat_probes(report['probes'].get('results')).items():
-    add(f'probe.{name}', lambda m, v=value: v.get(m) if isinstance(v, Mapping) else None)
+  rows.extend(probe_rows(report['probes'].get('results')))
   return rows
 
 
-def _flat_probes(results) -> dict:
-  """{dotted metric: {model: value}} from the probes' nested results (model-keyed leaves)."""
-  out = {}
+def _min_or_none(*values):
+  vals = [v for v in values if v is not None]
+  return min(vals) if vals else None
 
-  def walk(node, prefix):
-    if not isinstance(node, Mapping):
-      return
-    if any(m in node for m in MODELS) and all(
-        isinstance(node.get(m), (int, float)) or node.get(m) is None for m in MODELS if m in node):
-      out[prefix] = {m: node.get(m) for m in MODELS}
-      for k, v in node.items():
-        if k not in MODELS and isinstance(v, (int, float)):
-          out[prefix][k] = v
-      return
-    for k, v in node.items():
-      walk(v, f'{prefix}.{k}' if prefix else str(k))
 
-  walk(results, '')
-  return out
+def probe_rows(results: Mapping | None) -> list[dict]:
+  """Headline rows of `probes.run_probes`' results (its schema 'jaisp_jax.evaluate.probes/1').
+
+  Columns as in `headline_table`: `classical` is the best classical baseline of the
+  probe (windowed centroids or cross-correlation for astrometry, sep for detection,
+  aperture photometry for colours, pixel tokens for shift sensitivity); `chance` the
+  no-information estimate (zero offset, random positions, the median colour).
+  """
+  rows: list[dict] = []
+  if not results:
+    return rows
+
+  def add(metric, getter, classical, chance, higher):
+    rows.append({'metric': f'probe.{metric}', **{m: getter(m) for m in ('trained', 'init')},
+                 'classical': classical, 'chance': chance, 'higher_is_better': higher})
+
+  a = results.get('astrometry')
+  if a:
+    mods, base = a.get('models', {}), a.get('baselines', {})
+    cl = _get(base, 'chip_level') or {}
+    for est in ('head', 'register'):
+      add(f'astrometry.{est}_rms_mas', lambda m, e=est: _get(mods, m, 'chip_level', e, 'rms_mas'),
+          _min_or_none(_get(cl, 'centroid', 'rms_mas'), _get(cl, 'xcorr', 'rms_mas')),
+          _get(cl, 'zero', 'rms_mas'), False)
+    add('astrometry.head_shuffled_rms_mas',
+        lambda m: _get(mods, m, 'chip_level', 'head_shuffled', 'rms_mas'), None,
+        _get(cl, 'zero', 'rms_mas'), None)
+    ps = _get(base, 'per_source') or {}
+    add('astrometry.per_source_head_rms_mas',
+        lambda m: _get(mods, m, 'per_source', 'head', 'all', 'rms_mas'),
+        _get(ps, 'centroid', 'all', 'rms_mas'), _get(ps, 'zero', 'all', 'rms_mas'), False)
+    add('astrometry.shift_drop_at_100mas',
+        lambda m: _get(mods, m, 'shift_sensitivity', 'drop_at_100mas'),
+        _get(base, 'pixels_shift_sensitivity', 'drop_at_100mas'), 0.0, True)
+  d = results.get('detection')
+  if d:
+    mods, base = d.get('models', {}), d.get('baselines', {})
+    for band in sorted(base):
+      for key, path in (('completeness_snr>5', ('completeness', 'snr>5')),
+                        ('completeness_snr>10', ('completeness', 'snr>10')),
+                        ('purity', ('purity',)), ('f1', ('f1',))):
+        add(f'detection.{band}.{key}', lambda m, b=band, p=path: _get(mods, m, b, 'head', *p),
+            _get(base, band, 'sep', *path), _get(base, band, 'random', *path), True)
+  p = results.get('photometry')
+  if p:
+    mods, base = p.get('models', {}), p.get('baselines', {})
+    for pair in sorted(base):
+      add(f'photometry.{pair}.scatter_mag',
+          lambda m, q=pair: _get(mods, m, q, 'head', 'scatter_mag'),
+          _get(base, pair, 'aperture', 'scatter_mag'), _get(base, pair, 'median', 'scatter_mag'),
+          False)
+  r = results.get('realdata')
+  if r:
+    mods = r.get('models', {})
+    add('realdata.infomap_auc', lambda m: _get(mods, m, 'infomap', 'auc'), None, 0.5, True)
+    for key, path in (('completeness_snr>5', ('completeness', 'snr>5')),
+                      ('purity', ('purity',))):
+      add(f'realdata.head_{key}', lambda m, q=path: _get(mods, m, 'head', *q),
+          _get(r, 'sep', *path), None, True)
+  return rows
 
 
 def _fmt(v) -> str:
@@ -485,17 +542,22 @@ _SUMMARY_METRICS = ('retrieval.global.top1', 'retrieval.tokens.top1', 'diag.toke
                     'diag.activation_weight_pearson_centred')
 
 
+_SUMMARY_PROBE_KEYS = ('astrometry.head_rms_mas', 'astrometry.register_rms_mas', 'shift_drop',
+                       '.f1', 'scatter_mag', 'infomap_auc')
+
+
 def summary_lines(report: dict) -> list[str]:
   """The short summary printed at the end of `evaluate` (also stored in the report)."""
   run, data, r = report['run'], report['data'], report['retrieval']
   lines = [f'evaluation of {run["variant"]} at step {run["step"]} on {data["n_chips"]} '
            f'held-out chips ({data["split"]}; truth: {"yes" if data["has_truth"] else "no"})',
-           f'  {"":34s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}']
-  wanted = set(_SUMMARY_METRICS) | {row['metric'] for row in report['table']
-                                    if row['metric'].startswith('probe.')}
+           f'  {"":42s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}']
+  wanted = set(_SUMMARY_METRICS) | {
+      row['metric'] for row in report['table'] if row['metric'].startswith('probe.') and
+      any(k in row['metric'] for k in _SUMMARY_PROBE_KEYS)}
   for row in report['table']:
     if row['metric'] in wanted:
-      lines.append(f'  {row["metric"]:34s} {_fmt(row["trained"]):>9s} {_fmt(row["init"]):>9s} '
+      lines.append(f'  {row["metric"]:42s} {_fmt(row["trained"]):>9s} {_fmt(row["init"]):>9s} '
                    f'{_fmt(row["classical"]):>9s} {_fmt(row["chance"]):>8s}')
   top = _get(r, 'models', 'trained', 'global', 'top1')
   ref = max([x for x in (_get(r, 'models', 'init', 'global', 'top1'), r['chance_top1'])
@@ -504,7 +566,7 @@ def summary_lines(report: dict) -> list[str]:
     lines.append('  retrieval ' + (f'beats init and chance ({r["query_band"]} -> '
                                    f'{r["gallery_band"]})' if top > ref else
                                    'does NOT beat init/chance'))
-  if report['probes']['status'] != 'ok':
+  if report['probes']['note']:
     lines.append(f'  probes: {report["probes"]["status"]} ({report["probes"]["note"]})')
   lines.append(f'  report: {report["report_path"]}')
   return lines
@@ -555,6 +617,7 @@ def _write_tensorboard(workdir: str, step: int, report: dict, images: dict):
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int | None = None,
              embedding_method: str = 'umap', seed: int = 0, data: HeldOutData | None = None,
              params: Any = None, step: int | None = None,
+             probes_config: Mapping | None = None,
              print_fn: Callable[[str], None] | None = None) -> dict:
   """Evaluates the latest checkpoint of `workdir`; writes W/eval/ and returns the report.
 
@@ -566,6 +629,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
     data: held-out chips to use instead of the config's validation split (e.g. user
       tiles without truth).
     params, step: evaluate these EMA params instead of the latest checkpoint's.
+    probes_config: overrides of the probes' settings (`probes.ProbesConfig.from_dict`);
+      {'probes': []} skips them.
   """
   t0 = time.time()
   print_fn = print_fn or (lambda s: print(s, flush=True))
@@ -619,7 +684,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
   if data.sources is None:
     notes.append('no truth catalog: per-source maps and truth-scored probes skipped; '
                  'global maps are coloured by image statistics')
-  report['probes'] = probes_section(models, data, config)
+  report['probes'] = probes_section(models, data, probes_config, print_fn)
   _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, images)
   report['table'] = headline_table(report)
   report['plots'] = sorted(f'{k}.png' for k in images)
