@@ -112,7 +112,14 @@ def test_progress_lines_and_tensorboard(reference_run):
   workdir, p = reference_run
   assert f'step {TOTAL}/{TOTAL} | loss' in p.stderr
   assert 'Traceback' not in p.stderr
-  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  events = glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0})
+  acc.Reload()
+  tags = set(acc.Tags()['tensors'])
+  assert {'train/loss', 'train/grad_norm', 'train/ema_momentum', 'train/band_usage/euclid_h',
+          'train/band_usage/rubin_u'} <= tags, sorted(tags)
   assert os.path.exists(os.path.join(workdir, 'config.json'))
 
 

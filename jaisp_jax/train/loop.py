@@ -105,6 +105,26 @@ class Trainer:
                    donate_argnums=0)
 
 
+def band_usage_fn(registry: bands_lib.BandRegistry):
+  """Jitted batch -> {'band_usage/<band>': share of the batch's views in that band}.
+
+  Logged beside the loss so that a band the pairing neglects (or never finds valid)
+  is visible in TensorBoard.
+  """
+  n = len(registry)
+
+  def usage(batch):
+    ids = [g[side]['band'].reshape(-1) for g in batch.get('pairs', {}).values()
+           for side in ('a', 'b')]
+    if not ids:
+      return {}
+    counts = jnp.bincount(jnp.concatenate(ids), length=n).astype(jnp.float32)
+    share = counts / jnp.maximum(counts.sum(), 1.0)
+    return {f'band_usage/{name}': share[i] for i, name in enumerate(registry.names)}
+
+  return jax.jit(usage)
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() != 0:
     return
@@ -162,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _log(f'parameters: {n_params:,} trainable')
 
   train_step = trainer.jitted_step(shardings)
+  usage = band_usage_fn(registry)
   writer = reporting.create_writer(workdir)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
@@ -201,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = next(data_iter)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, batch)
+        metrics = {**metrics, **usage(batch)}
       step += 1
       host = logger.push(step, metrics)
       for hook in hooks:
