@@ -1,0 +1,174 @@
+"""Small probe heads on frozen features: linear or 2-layer MLP, trained in seconds with optax.
+
+Inputs are standardised with the training set's mean and std; training is full-batch
+AdamW from a fixed seed with early stopping: a held-out share of the training examples
+(`val_fraction`, split by `groups` when given, e.g. by chip, so that correlated examples
+never straddle the split) is scored every `eval_every` steps and the parameters with the
+lowest validation loss are kept. So a head is a deterministic function of (features,
+labels, config), and a head on features that carry nothing stops early and predicts
+about the mean instead of fitting noise. `shuffle_labels` permutes the labels across
+training examples before fitting: the control that a probe which always "succeeds"
+fails (it should land at chance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """How a probe head is fitted.
+
+  Attributes:
+    hidden: hidden width of the 2-layer MLP; 0 = linear.
+    steps: at most this many full-batch optimiser steps.
+    lr: AdamW learning rate.
+    weight_decay: AdamW decoupled weight decay.
+    val_fraction: share of the examples (or groups) held out for early stopping.
+    eval_every: validation interval (steps).
+    seed: parameter init, validation split and label shuffle seed.
+  """
+  hidden: int = 64
+  steps: int = 300
+  lr: float = 3e-3
+  weight_decay: float = 1e-4
+  val_fraction: float = 0.2
+  eval_every: int = 25
+  seed: int = 0
+
+
+def _init(key, d_in: int, d_out: int, hidden: int):
+  # The output layer starts at zero: an untrained (or early-stopped at step 0) head
+  # predicts the training mean, i.e. chance, never random noise.
+  if hidden <= 0:
+    return {'w': jnp.zeros((d_in, d_out)), 'b': jnp.zeros((1, d_out))}
+  return {'w1': jax.random.normal(key, (d_in, hidden)) * np.sqrt(2.0 / d_in),
+          'b1': jnp.zeros((1, hidden)),
+          'w2': jnp.zeros((hidden, d_out)),
+          'b2': jnp.zeros((1, d_out))}
+
+
+def _apply(params, x):
+  if 'w' in params:
+    return x @ params['w'] + params['b']
+  h = jax.nn.gelu(x @ params['w1'] + params['b1'])
+  return h @ params['w2'] + params['b2']
+
+
+Loss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def mse(pred, target):
+  return jnp.mean(jnp.square(pred - target))
+
+
+def weighted_bce(pos_weight: float) -> Loss:
+  """Binary cross-entropy on logits with positives weighted by `pos_weight`."""
+  def loss(logits, target):
+    per = optax.sigmoid_binary_cross_entropy(logits, target)
+    return jnp.mean(per * (1.0 + (pos_weight - 1.0) * target))
+  return loss
+
+
+@dataclasses.dataclass
+class Head:
+  """A fitted head: `predict(x)` -> (n, d_out) outputs (logits for classification)."""
+  params: dict
+  mean: np.ndarray
+  std: np.ndarray
+  y_mean: np.ndarray
+  y_std: np.ndarray
+  final_loss: float
+
+  def predict(self, x: np.ndarray) -> np.ndarray:
+    xs = (np.asarray(x, np.float32) - self.mean) / self.std
+    out = np.asarray(_predict(self.params, jnp.asarray(xs)))
+    return out * self.y_std + self.y_mean
+
+
+@jax.jit
+def _predict(params, x):
+  return _apply(params, x)
+
+
+def _val_split(n: int, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
+  """Boolean (n,) mask of validation examples (whole groups), never all or none."""
+  rng = np.random.default_rng(seed + 2)
+  if fraction <= 0 or n < 5:
+    return np.zeros(n, bool)
+  if groups is None:
+    groups = np.arange(n)
+  uniq = np.unique(groups)
+  if len(uniq) < 2:
+    uniq, groups = np.arange(n), np.arange(n)
+  n_val = min(max(1, int(round(fraction * len(uniq)))), len(uniq) - 1)
+  return np.isin(groups, rng.permutation(uniq)[:n_val])
+
+
+def fit(x: np.ndarray, y: np.ndarray, config: HeadConfig = HeadConfig(), *,
+        loss: Loss | None = None, standardise_y: bool = True,
+        shuffle_labels: bool = False, groups: np.ndarray | None = None) -> Head:
+  """Fits a head mapping x (n, d_in) -> y (n, d_out) (module docstring).
+
+  Args:
+    loss: loss on (prediction, target) in standardised target units (default MSE).
+    standardise_y: regress (y - mean) / std (regression); False for 0/1 targets.
+    shuffle_labels: permute y across examples first (the chance control).
+    groups: (n,) group of each example (e.g. its chip) for the validation split.
+  """
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.float32)
+  if y.ndim == 1:
+    y = y[:, None]
+  if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    raise ValueError(f'need matching, non-empty x and y; got {x.shape} and {y.shape}')
+  if shuffle_labels:
+    y = y[np.random.default_rng(config.seed + 1).permutation(y.shape[0])]
+  val = _val_split(x.shape[0], None if groups is None else np.asarray(groups),
+                   config.val_fraction, config.seed)
+  fit_x, fit_y = x[~val], y[~val]
+  mean = fit_x.mean(axis=0)
+  std = np.maximum(fit_x.std(axis=0), 1e-6)
+  if standardise_y:
+    y_mean, y_std = fit_y.mean(axis=0), np.maximum(fit_y.std(axis=0), 1e-6)
+  else:
+    y_mean, y_std = np.zeros(y.shape[1], np.float32), np.ones(y.shape[1], np.float32)
+  def norm(a, b):
+    return jnp.asarray((a - mean) / std), jnp.asarray((b - y_mean) / y_std)
+
+  xs, ys = norm(fit_x, fit_y)
+  xv, yv = norm(x[val], y[val])
+  loss = loss or mse
+  params = _init(jax.random.key(config.seed), x.shape[1], y.shape[1], config.hidden)
+  tx = optax.adamw(config.lr, weight_decay=config.weight_decay)
+  opt_state = tx.init(params)
+
+  def step(carry, _):
+    p, s = carry
+    value, grads = jax.value_and_grad(lambda q: loss(_apply(q, xs), ys))(p)
+    updates, s = tx.update(grads, s, p)
+    return (optax.apply_updates(p, updates), s), value
+
+  every = max(1, min(config.eval_every, config.steps))
+  chunk = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=every))
+  val_loss = jax.jit(lambda p: loss(_apply(p, xv), yv))
+  has_val = bool(val.any())
+  best = (float(val_loss(params)) if has_val else np.inf, params)
+  train_loss = np.nan
+  for _ in range(max(1, config.steps // every)):
+    (params, opt_state), losses = chunk(params, opt_state)
+    train_loss = float(losses[-1])
+    if has_val:
+      v = float(val_loss(params))
+      if v < best[0]:
+        best = (v, params)
+  if has_val:
+    params = best[1]
+  return Head(jax.device_get(params), mean, std, y_mean, y_std, train_loss)
