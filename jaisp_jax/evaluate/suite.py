@@ -29,7 +29,8 @@ computed is null, never NaN):
                    activation_weight: {pearson, spearman, pearson_centred,
                    spearman_centred, n_tokens}}}
   retrieval       {query_band, gallery_band, n, chance_top1, chance_top5,
-                   models: {model: {global: {top1, top5}, tokens: {top1, top5}}},
+                   models: {model: {global: {top1, top5}, tokens: {top1, top5}} | null
+                   (null: fewer than two chips have both bands)},
                    band_pairs: {model: {'<q>-><g>': global top1}}}
   embeddings      {method ('umap' | 'pca'), band, properties: [names],
                    global: {model: spearman table}, sources: {model: table} | null,
@@ -259,6 +260,28 @@ def embed_chips(rep, chips: dict, registry: bands_lib.BandRegistry, bands, *,
   return out
 
 
+def complete_instruments(chips: dict, registry: bands_lib.BandRegistry) -> list[str]:
+  """Adds all-masked, invalid chips for instruments the data lacks; returns their names.
+
+  Their bands then drop out of every statistic through `band_valid`, and the code
+  needs no special case for single-instrument data.
+  """
+  present = [i for i in registry.instruments if i in chips]
+  if not present:
+    raise UserError('held-out data has no chips of any registry instrument '
+                    f'({", ".join(registry.instruments)})')
+  ref = present[0]
+  n, _, h, w = chips[ref]['image'].shape
+  missing = [i for i in registry.instruments if i not in chips]
+  for inst in missing:
+    f = registry.pixel_scale(ref) / registry.pixel_scale(inst)
+    nb = registry.n_bands(inst)
+    zeros = np.zeros((n, nb, int(round(h * f)), int(round(w * f))), np.float32)
+    chips[inst] = {'image': zeros, 'rms': zeros, 'mask': zeros,
+                   'band_valid': np.zeros((n, nb), bool)}
+  return missing
+
+
 def _token_arcsec(rep) -> float:
   return float(rep.config.model.token_arcsec) if hasattr(rep, 'config') else rep.token_arcsec
 
@@ -277,10 +300,16 @@ def diagnostics_section(emb: Embedded, data: HeldOutData, registry: bands_lib.Ba
   chips = data.chips
   valid = {b: _valid(chips, registry, b) for b in bands}
   ok = valid[query] & valid[gallery]
-  out = diagnostics.token_similarity_pair(
-      emb.tokens[query][ok], emb.tokens[gallery][ok], emb.token_weights[query][ok],
-      emb.token_weights[gallery][ok])
+  if ok.sum() >= 2:
+    out = diagnostics.token_similarity_pair(
+        emb.tokens[query][ok], emb.tokens[gallery][ok], emb.token_weights[query][ok],
+        emb.token_weights[gallery][ok])
+  else:
+    out = dict.fromkeys(('token_similarity', 'token_similarity_unweighted',
+                         'token_similarity_shuffled'))
   pooled = np.concatenate([emb.globals[b][valid[b]] for b in bands])
+  if pooled.shape[0] < 2:
+    raise UserError('held-out data: fewer than two valid band images; nothing to evaluate')
   out.update(diagnostics.collapse_stats(pooled))
   out['per_band'] = diagnostics.per_band_collapse(emb.globals, valid, rank_fraction)
   out['n_collapsed_bands'] = int(sum(v['collapsed'] for v in out['per_band'].values()))
@@ -351,8 +380,9 @@ def embedding_section(embedded: Mapping[str, Embedded], data: HeldOutData,
         maps, props[prop], prop, f'global embeddings of {band} ({out["method"]}), '
         f'coloured by {prop}', os.path.join(out_dir, f'embedding_global_{prop}.png'),
         categorical=prop == 'is_star')
-  images['spearman_global'] = plots.spearman_heatmap(
-      out['global'], os.path.join(out_dir, 'spearman_global.png'))
+  if props:
+    images['spearman_global'] = plots.spearman_heatmap(
+        out['global'], os.path.join(out_dir, 'spearman_global.png'))
   # All bands pooled, coloured by wavelength: a band-agnostic embedding mixes them.
   pooled_maps = {}
   wl = []
@@ -647,6 +677,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
   os.makedirs(out_dir, exist_ok=True)
   if data is None:
     data = load_heldout(config, registry, max_chips or int(config.eval.max_chips))
+  missing = complete_instruments(data.chips, registry)
   models = {'trained': inference.from_params(params, config, registry),
             'init': inference.from_params(_init_params(config), config, registry)}
   classical = embeddings.PixelBaseline(registry, config.model.token_arcsec,
@@ -655,6 +686,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
   embedded = {name: embed_chips(rep, data.chips, registry, bands)
               for name, rep in {**models, 'classical': classical}.items()}
   notes = list(data.notes)
+  if missing:
+    notes.append(f'no {", ".join(missing)} chips: their bands are treated as invalid '
+                 '(cross-instrument retrieval needs both instruments)')
   images: dict[str, np.ndarray] = {}
 
   report: dict[str, Any] = {
@@ -677,7 +711,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
                                 config.eval.collapse_rank_fraction)
       for name, emb in embedded.items()}
   report['retrieval'] = retrieval_section(embedded, data, registry, query, gallery)
-  report['embeddings'] = embedding_section(embedded, data, registry, query, embedding_method,
+  # Maps of the query band, or of the first band with enough valid chips (user data
+  # may lack the query band's instrument).
+  counts = {b: int(_valid(data.chips, registry, b).sum()) for b in bands}
+  map_band = query if counts[query] >= 3 else max(bands, key=lambda b: counts[b])
+  if not data.chip_properties:
+    data.chip_properties = _pixel_properties(data.chips, registry, map_band)
+  report['embeddings'] = embedding_section(embedded, data, registry, map_band, embedding_method,
                                            seed, out_dir, images)
   if report['embeddings']['method'] == 'pca' and embedding_method == 'umap':
     notes.append('2-D maps use PCA: umap-learn is not installed or there are < 10 chips')
