@@ -62,6 +62,7 @@ class DetectionConfig:
   pca_dim: int = 32             # tokens reduced to this many principal components first
   head: heads.HeadConfig = heads.HeadConfig(hidden=64, steps=300, weight_decay=1e-3)
   nms_arcsec: float = 0.4       # detections closer than this are merged (highest kept)
+  offset_weight: float = 10.0   # weight of the offset error (cell units) in the loss
   augment: int = 8              # rotations / mirrors of the train chips (1..8), re-embedded
   max_pos_weight: float = 20.0  # positive-class weight of the loss, at most this
   head_thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -228,18 +229,16 @@ def cell_targets(heldout: heldout_lib.HeldOut, band: str, grid_hw: tuple[int, in
   return tok.reshape(n, h, w, 3 * c * c)
 
 
-def detection_loss(n_cells: int, pos_weight: float, offset_weight: float = 10.0):
-  """Loss on (prediction, target) (T, 3 n_cells): weighted BCE + offset MSE where occupied."""
+def detection_loss(pred, target, pos_weight, offset_weight):
+  """Loss on (prediction, target) (T, 3 n_cells) (a `heads` loss): class-weighted BCE on
+  the occupancy logits + offset_weight x squared offset error on occupied cells."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  bce = heads.weighted_bce(pos_weight)
-
-  def loss(pred, target):
-    occ = target[:, :n_cells]
-    err = jnp.square(pred[:, n_cells:] - target[:, n_cells:])  # (T, 2 n_cells)
-    occ2 = jnp.concatenate([occ, occ], axis=1)
-    reg = jnp.sum(err * occ2) / jnp.maximum(jnp.sum(occ2), 1.0)
-    return bce(pred[:, :n_cells], occ) + offset_weight * reg
-  return loss
+  n_cells = target.shape[1] // 3
+  occ = target[:, :n_cells]
+  err = jnp.square(pred[:, n_cells:] - target[:, n_cells:])  # (T, 2 n_cells)
+  occ2 = jnp.concatenate([occ, occ], axis=1)
+  reg = jnp.sum(err * occ2) / jnp.maximum(jnp.sum(occ2), 1.0)
+  return heads.weighted_bce(pred[:, :n_cells], occ, pos_weight) + offset_weight * reg
 
 
 def nms(xy: np.ndarray, score: np.ndarray, radius: float) -> np.ndarray:
@@ -303,9 +302,9 @@ class TokenDetector:
     y = ts['y']
     pos = max(float(y[:, :n_cells].mean()), 1e-6)
     pos_weight = float(np.clip((1 - pos) / pos, 1.0, self.cfg.max_pos_weight))
-    self.head = heads.fit(ts['x'], y, self.cfg.head, loss=detection_loss(n_cells, pos_weight),
-                          standardise_y=False, shuffle_labels=shuffle_labels,
-                          groups=ts['groups'])
+    self.head = heads.fit(ts['x'], y, self.cfg.head, loss=detection_loss,
+                          loss_args=(pos_weight, self.cfg.offset_weight), standardise_y=False,
+                          shuffle_labels=shuffle_labels, groups=ts['groups'])
     cands = {t: self._detect(ts['plain'], t) for t in self.cfg.head_thresholds}
     self.threshold = _choose(cands, train, self.band, self.cfg)
     return self

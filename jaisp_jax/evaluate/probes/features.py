@@ -72,9 +72,9 @@ class Embedder:
     for s in range(0, n, bs):
       im, rm = image[s:s + bs], rms[s:s + bs]
       k = im.shape[0]
-      # Pad to a power of two (at most the batch size): few distinct shapes, so few
-      # compilations of the model, whatever the number of views.
-      size = min(bs, 1 << max(k - 1, 0).bit_length())
+      # Pad to a power of two between 8 and the batch size: few distinct shapes, so
+      # few compilations of the model, whatever the number of views.
+      size = min(bs, max(8, 1 << max(k - 1, 0).bit_length()))
       if k < size:
         pad = ((0, size - k), (0, 0), (0, 0))
         im, rm = np.pad(im, pad), np.pad(rm, pad, constant_values=1.0)

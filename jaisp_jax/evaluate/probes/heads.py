@@ -14,6 +14,7 @@ fails (it should land at chance).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -62,19 +63,41 @@ def _apply(params, x):
   return h @ params['w2'] + params['b2']
 
 
-Loss = Callable[[jax.Array, jax.Array], jax.Array]
+# A loss is a module-level function loss(prediction, target, *loss_args) -> scalar, so
+# that the compiled training loop is reused across heads (see `_trainer`).
+Loss = Callable[..., jax.Array]
 
 
 def mse(pred, target):
+  """Mean squared error."""
   return jnp.mean(jnp.square(pred - target))
 
 
-def weighted_bce(pos_weight: float) -> Loss:
-  """Binary cross-entropy on logits with positives weighted by `pos_weight`."""
-  def loss(logits, target):
-    per = optax.sigmoid_binary_cross_entropy(logits, target)
-    return jnp.mean(per * (1.0 + (pos_weight - 1.0) * target))
-  return loss
+def weighted_bce(logits, target, pos_weight):
+  """Binary cross-entropy on logits with positives weighted by `pos_weight` (a loss arg)."""
+  per = optax.sigmoid_binary_cross_entropy(logits, target)
+  return jnp.mean(per * (1.0 + (pos_weight - 1.0) * target))
+
+
+@functools.lru_cache(maxsize=32)
+def _trainer(loss: Loss, lr: float, weight_decay: float, every: int):
+  """(optimizer, jitted chunk of `every` steps, jitted validation loss), cached: heads
+  with the same loss and settings (e.g. a head and its shuffled-label control, or the
+  trained and the untrained model) compile once per input shape."""
+  tx = optax.adamw(lr, weight_decay=weight_decay)
+
+  def chunk(params, opt_state, xs, ys, loss_args):
+    def step(carry, _):
+      p, s = carry
+      value, grads = jax.value_and_grad(lambda q: loss(_apply(q, xs), ys, *loss_args))(p)
+      updates, s = tx.update(grads, s, p)
+      return (optax.apply_updates(p, updates), s), value
+    return jax.lax.scan(step, (params, opt_state), None, length=every)
+
+  def val_loss(params, xv, yv, loss_args):
+    return loss(_apply(params, xv), yv, *loss_args)
+
+  return tx, jax.jit(chunk), jax.jit(val_loss)
 
 
 @dataclasses.dataclass
@@ -113,12 +136,13 @@ def _val_split(n: int, groups: np.ndarray | None, fraction: float, seed: int) ->
 
 
 def fit(x: np.ndarray, y: np.ndarray, config: HeadConfig = HeadConfig(), *,
-        loss: Loss | None = None, standardise_y: bool = True,
+        loss: Loss = mse, loss_args: tuple = (), standardise_y: bool = True,
         shuffle_labels: bool = False, groups: np.ndarray | None = None) -> Head:
   """Fits a head mapping x (n, d_in) -> y (n, d_out) (module docstring).
 
   Args:
-    loss: loss on (prediction, target) in standardised target units (default MSE).
+    loss: module-level loss(prediction, target, *loss_args) in standardised target units.
+    loss_args: extra (dynamic) arguments of the loss, e.g. (pos_weight,).
     standardise_y: regress (y - mean) / std (regression); False for 0/1 targets.
     shuffle_labels: permute y across examples first (the chance control).
     groups: (n,) group of each example (e.g. its chip) for the validation split.
@@ -140,33 +164,25 @@ def fit(x: np.ndarray, y: np.ndarray, config: HeadConfig = HeadConfig(), *,
     y_mean, y_std = fit_y.mean(axis=0), np.maximum(fit_y.std(axis=0), 1e-6)
   else:
     y_mean, y_std = np.zeros(y.shape[1], np.float32), np.ones(y.shape[1], np.float32)
+
   def norm(a, b):
     return jnp.asarray((a - mean) / std), jnp.asarray((b - y_mean) / y_std)
 
   xs, ys = norm(fit_x, fit_y)
   xv, yv = norm(x[val], y[val])
-  loss = loss or mse
-  params = _init(jax.random.key(config.seed), x.shape[1], y.shape[1], config.hidden)
-  tx = optax.adamw(config.lr, weight_decay=config.weight_decay)
-  opt_state = tx.init(params)
-
-  def step(carry, _):
-    p, s = carry
-    value, grads = jax.value_and_grad(lambda q: loss(_apply(q, xs), ys))(p)
-    updates, s = tx.update(grads, s, p)
-    return (optax.apply_updates(p, updates), s), value
-
   every = max(1, min(config.eval_every, config.steps))
-  chunk = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), None, length=every))
-  val_loss = jax.jit(lambda p: loss(_apply(p, xv), yv))
+  tx, chunk, val_loss = _trainer(loss, float(config.lr), float(config.weight_decay), every)
+  args = tuple(jnp.asarray(a, jnp.float32) for a in loss_args)
+  params = _init(jax.random.key(config.seed), x.shape[1], y.shape[1], config.hidden)
+  opt_state = tx.init(params)
   has_val = bool(val.any())
-  best = (float(val_loss(params)) if has_val else np.inf, params)
+  best = (float(val_loss(params, xv, yv, args)) if has_val else np.inf, params)
   train_loss = np.nan
   for _ in range(max(1, config.steps // every)):
-    (params, opt_state), losses = chunk(params, opt_state)
+    (params, opt_state), losses = chunk(params, opt_state, xs, ys, args)
     train_loss = float(losses[-1])
     if has_val:
-      v = float(val_loss(params))
+      v = float(val_loss(params, xv, yv, args))
       if v < best[0]:
         best = (v, params)
   if has_val:

@@ -128,23 +128,26 @@ def fetch_sep_data(cache_dir: str = _CACHE, timeout_s: float = 300.0) -> dict[st
 
 
 def read_catalog(path: str) -> dict[str, np.ndarray]:
-  """SExtractor ASCII_HEAD catalogue -> {column: array}; positions made 0-based."""
-  names = []
+  """SExtractor ASCII_HEAD catalogue -> {column: array}; positions made 0-based.
+
+  A vector column (e.g. FLUX_RADIUS(3), header numbers 18 then 21) spans several
+  columns: its first element keeps the name, the others get NAME_2, NAME_3, ...
+  """
+  starts: list[tuple[int, str]] = []
   rows = []
   with open(path) as f:
     for line in f:
       if line.startswith('#'):
         parts = line.split()
-        col, name = int(parts[1]), parts[2]
-        while len(names) < col - 1:  # vector columns (e.g. FLUX_RADIUS(3)) span several
-          names.append(f'{names[-1]}_{len(names)}')
-        names.append(name)
+        starts.append((int(parts[1]), parts[2]))
       elif line.strip():
         rows.append([float(v) for v in line.split()])
-  data = np.asarray(rows, float)
-  while len(names) < data.shape[1]:
-    names.append(f'{names[-1]}_{len(names)}')
-  cat = {name: data[:, k] for k, name in enumerate(names)}
+  data = np.asarray(rows, float).reshape(len(rows), -1)
+  names = []
+  for k, (col, name) in enumerate(starts):
+    end = starts[k + 1][0] if k + 1 < len(starts) else data.shape[1] + 1
+    names += [name] + [f'{name}_{e}' for e in range(2, end - col + 1)]
+  cat = {name: data[:, k] for k, name in enumerate(names[:data.shape[1]])}
   for key in ('X_IMAGE', 'Y_IMAGE', 'XWIN_IMAGE', 'YWIN_IMAGE'):
     if key in cat:
       cat[key] = cat[key] - 1.0  # FITS 1-based pixel centres -> numpy 0-based
