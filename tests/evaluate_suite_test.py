@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from jaisp_jax import bands as bands_lib
 from jaisp_jax.cli import UserError
 from jaisp_jax.data import batch as batch_lib
+from jaisp_jax.evaluate import heldout
 from jaisp_jax.evaluate import suite
 from jaisp_jax.train import loop
 
@@ -33,7 +34,8 @@ DIAG_KEYS = {'token_similarity', 'token_similarity_unweighted', 'token_similarit
              'per_band', 'n_collapsed_bands', 'cross_band', 'activation_weight'}
 PLOTS = {'cross_band_similarity.png', 'cross_band_contrast.png', 'infomap_overlay.png',
          'activation_vs_weight.png', 'per_band_collapse.png', 'retrieval.png',
-         'embedding_bands.png', 'spearman_global.png'}
+         'embedding_bands.png', 'spearman_global.png', 'spearman_sources.png',
+         'embedding_sources_mag.png', 'embedding_global_n_sources.png'}
 
 
 def tiny_config():
@@ -57,7 +59,9 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny'))
   loop.train_and_evaluate(config, workdir)
   lines = []
-  report = suite.evaluate(config, workdir, embedding_method='pca', print_fn=lines.append)
+  # One probe (detection) keeps the test short; the probes have their own tests.
+  report = suite.evaluate(config, workdir, embedding_method='pca', print_fn=lines.append,
+                          probes_config={'probes': ['detection']})
   return config, workdir, report, lines
 
 
@@ -119,10 +123,20 @@ def test_report_schema_and_file(run):
   check_schema(stored)
   assert stored['run']['step'] == config.total_steps
   assert stored['run']['variant'] == 'jepa'
-  assert stored['data']['has_truth'] is False or stored['data']['n_sources'] is not None
+  # On-the-fly configs are evaluated on a fresh simulated field, with truth.
+  assert stored['data']['has_truth'] is True and stored['data']['n_sources'] > 0
   # The classical baseline sees the same sky in r and VIS: it must retrieve above chance.
   r = stored['retrieval']
   assert r['models']['classical']['global']['top1'] > r['chance_top1']
+  # Per-source embeddings coloured by truth, and the probe's figures in the table.
+  e = stored['embeddings']
+  assert set(e['sources']) == set(suite.MODELS)
+  assert {'mag', 'size', 'is_star', 'redshift'} <= set(e['sources']['trained']['best'])
+  assert stored['probes']['status'] == 'ok'
+  assert stored['probes']['results']['schema'] == 'jaisp_jax.evaluate.probes/1'
+  rows = {row['metric']: row for row in stored['table']}
+  f1 = rows['probe.detection.rubin_r.f1']
+  assert _is_num(f1['trained']) and f1['trained'] is not None and f1['classical'] is not None
 
 
 def test_plots_written_and_listed(run):
@@ -144,7 +158,7 @@ def test_tensorboard_and_summary(run):
   assert any(t.startswith('eval/cross_band_similarity') for t in
              set(tags['images']) | scalar_tags)
   text = '\n'.join(lines)
-  assert text == '\n'.join(report['summary'])
+  assert text.endswith('\n'.join(report['summary']))   # after the probes' progress lines
   assert 'retrieval.global.top1' in text and 'report.json' in text
 
 
@@ -153,18 +167,23 @@ def test_user_data_without_truth_is_deterministic(run, tmp_path):
   step, params = suite.restore_ema_params(config, workdir)
   reg = bands_lib.BandRegistry.from_config(config.bands)
   chips = batch_lib.synthetic_chips_batch(7, reg, 6, config.data.crop_arcsec)
-  data = suite.HeldOutData(chips=chips, sources=None,
-                           chip_properties=suite._pixel_properties(chips, reg, 'rubin_r'),  # pylint: disable=protected-access
-                           description='user tiles', notes=['user data'])
+  user = heldout.HeldOut.from_arrays(reg, {i: c['image'] for i, c in chips.items()},
+                                     {i: c['rms'] for i, c in chips.items()}, source='user tiles')
+  data = suite.from_heldout(user, config.eval.query_band)
   out = str(tmp_path / 'user')
-  first = suite.evaluate(config, out, data=data, params=params, step=step,
-                         embedding_method='pca', print_fn=lambda s: None)
+  kw = dict(data=data, params=params, step=step, embedding_method='pca',
+            print_fn=lambda s: None, probes_config={'probes': ['detection', 'photometry']})
+  first = suite.evaluate(config, out, **kw)
   check_schema(first)
   assert first['data']['has_truth'] is False and first['data']['n_chips'] == 6
   assert first['embeddings']['sources'] is None
   assert any('no truth' in n for n in first['notes'])
-  second = suite.evaluate(config, out, data=data, params=params, step=step,
-                          embedding_method='pca', print_fn=lambda s: None)
+  # The probes that need truth are skipped, with the reason in the report.
+  assert first['probes']['status'] == 'ok'
+  assert set(first['probes']['results']['skipped']) == {'detection', 'photometry'}
+  assert 'truth' in first['probes']['note']
+  assert not any(row['metric'].startswith('probe.') for row in first['table'])
+  second = suite.evaluate(config, out, **kw)
   assert first['table'] == second['table']
 
 

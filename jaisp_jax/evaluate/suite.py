@@ -3,15 +3,19 @@ r"""`--mode=evaluate`: the evaluation suite of a trained workdir.
     python -m jaisp_jax.main --config=configs/jepa.py:smoke --workdir=runs/smoke --mode=evaluate
 
 Takes the EMA (target) parameters of the latest checkpoint in `W/checkpoints` as the
-frozen representation and evaluates it on held-out chips (the validation split, sky
-regions never seen in training), next to two references computed on the same chips:
+frozen representation and evaluates it on held-out chips (`evaluate.heldout`: the TFDS
+validation split, sky regions never seen in training, or for on-the-fly configs a
+freshly simulated field), next to two references computed on the same chips:
 
   init       the same architecture at initialisation (same seed as the run);
   classical  pixels, no learning (`embeddings.PixelBaseline`).
 
-Writes `W/eval/report.json` (schema below), PNG plots in `W/eval/`, the scalars and
-plots to TensorBoard under `eval/` (step = checkpoint step) and prints a summary.
-Everything is seeded; two runs on the same workdir give the same numbers.
+Sections: collapse diagnostics (diagnostics.py), cross-instrument retrieval and
+embedding analysis (embeddings.py), and the probes scored against truth
+(`evaluate.probes`: astrometry, detection, photometry, sep's real field). Writes
+`W/eval/report.json` (schema below), PNG plots in `W/eval/`, the scalars and plots to
+TensorBoard under `eval/` (step = checkpoint step) and prints a summary. Everything
+is seeded; two runs on the same workdir give the same numbers.
 
 report.json, schema version 1 (keys always present; a figure that cannot be
 computed is null, never NaN):
@@ -134,38 +138,15 @@ def _pixel_properties(chips: dict, registry: bands_lib.BandRegistry, band: str) 
 
 def load_heldout(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
                  max_chips: int) -> HeldOutData:
-  """Held-out chips of the config's dataset (validation split).
+  """Held-out chips of the config's data, with truth where it has some.
 
-  Uses the training system's evaluation iterator (`online_eval.collect_chips`), cut to
-  the distinct chips of the split. That path has no truth catalog, so truth-based
-  analyses are skipped; `jaisp_jax.evaluate.heldout` (when present) supplies truth.
+  `jaisp_jax.evaluate.heldout.load_heldout`: the TFDS validation split (sky regions
+  never used in training; truth when the dataset was built with `build --simulate`),
+  or, for on-the-fly configs, a freshly simulated field of another seed.
   """
-  from jaisp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from jaisp_jax.train import loop  # pylint: disable=import-outside-toplevel
-  from jaisp_jax.train import online_eval  # pylint: disable=import-outside-toplevel
-  c = ml_collections.ConfigDict(config.to_dict())
-  n_split = len(pipeline.open_source(c.data, c.data.eval_split, registry))
-  c.eval.max_chips = int(min(max_chips, n_split))
-  trainer = loop.Trainer(c)
-  chips = online_eval.collect_chips(c, registry, trainer.batch_sharding)
-  chips = jax.tree.map(lambda x: np.asarray(x)[:c.eval.max_chips], chips)
-  src = c.data.data_dir or 'simulated on the fly (config.data.simulate)'
-  notes = ['held-out chips from the training evaluation iterator (random crops of '
-           f'{c.data.crop_arcsec}" with random flips/rotations); no truth rows on this path']
-  return HeldOutData(chips=chips, sources=None,
-                     chip_properties=_pixel_properties(chips, registry, config.eval.query_band),
-                     description=f'{src}, split {c.data.eval_split!r}', notes=notes)
-
-
-def _init_params(config: ml_collections.ConfigDict):
-  return _init_params_cached(config.to_json_best_effort(sort_keys=True))
-
-
-@functools.lru_cache(maxsize=2)
-def _init_params_cached(config_json: str):
-  # Initialising compiles the whole model (seconds); evaluating the same config again
-  # in one process (tests, compare_objectives' helper) reuses it.
-  return inference.init_params(ml_collections.ConfigDict(json.loads(config_json)))
+  from jaisp_jax.evaluate import heldout  # pylint: disable=import-outside-toplevel
+  h = heldout.load_heldout(config, registry, max_chips=max_chips)
+  return from_heldout(h, config.eval.query_band)
 
 
 def from_heldout(heldout, query_band: str, min_snr: float = 5.0) -> HeldOutData:
@@ -212,6 +193,17 @@ def from_heldout(heldout, query_band: str, min_snr: float = 5.0) -> HeldOutData:
                                       stars / np.maximum(props['n_sources'], 1), np.nan)
   return HeldOutData(chips=chips, sources=sources, chip_properties=props,
                      description=heldout.source, notes=list(heldout.notes), raw=heldout)
+
+
+def _init_params(config: ml_collections.ConfigDict):
+  return _init_params_cached(config.to_json_best_effort(sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _init_params_cached(config_json: str):
+  # Initialising compiles the whole model (seconds); evaluating the same config again
+  # in one process (tests, compare_objectives' helper) reuses it.
+  return inference.init_params(ml_collections.ConfigDict(json.loads(config_json)))
 
 
 # -- embedding -----------------------------------------------------------------------
