@@ -13,6 +13,7 @@ from jaisp_jax import bands as bands_lib
 from jaisp_jax.cli import UserError
 from jaisp_jax.data import batch as batch_lib
 from jaisp_jax.evaluate import heldout
+from jaisp_jax.evaluate import report as report_lib
 from jaisp_jax.evaluate import suite
 from jaisp_jax.train import loop
 
@@ -215,7 +216,7 @@ def test_probe_rows_follow_the_probes_schema():
                                                        'aperture': {'scatter_mag': 0.1}}},
                      'models': {'trained': {'rubin_g-rubin_i': {'head': {'scatter_mag': 0.2}}}}},
   }
-  rows = {r['metric']: r for r in suite.probe_rows(results)}
+  rows = {r['metric']: r for r in report_lib.probe_rows(results)}
   head = rows['probe.astrometry.head_rms_mas']
   assert (head['trained'], head['init'], head['classical'], head['chance']) == (15.0, 30.0, 9.0,
                                                                                 40.0)
@@ -230,7 +231,7 @@ def test_probe_rows_follow_the_probes_schema():
                                                                                 0.5)
   assert all(r['classical'] is not None or r['metric'].endswith('shuffled_rms_mas')
              for r in rows.values())
-  assert suite.probe_rows(None) == [] and suite.probe_rows({}) == []
+  assert report_lib.probe_rows(None) == [] and report_lib.probe_rows({}) == []
 
 
 def test_single_instrument_user_data(run, tmp_path):

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from jaisp_jax import cli
+from jaisp_jax.evaluate.report import fmt as _fmt
 
 
 def read_reports(runs: Sequence[tuple[str, str]]) -> dict[str, dict]:
@@ -40,16 +41,6 @@ def read_reports(runs: Sequence[tuple[str, str]]) -> dict[str, dict]:
   return out
 
 
-def _fmt(v) -> str:
-  if v is None:
-    return '-'
-  if isinstance(v, bool):
-    return str(v)
-  if isinstance(v, int):
-    return str(v)
-  return f'{v:.3f}' if abs(v) < 100 else f'{v:.1f}'
-
-
 def _better(a, b, higher: bool | None) -> bool:
   if a is None or b is None or higher is None:
     return False
@@ -62,7 +53,8 @@ def markdown_table(reports: dict[str, dict]) -> str:
   rows: dict[str, dict] = {}
   for name in names:
     for row in reports[name]['table']:
-      entry = rows.setdefault(row['metric'], {'chance': row['chance'], 'classical': row['classical'],
+      entry = rows.setdefault(row['metric'], {'chance': row['chance'],
+                                              'classical': row['classical'],
                                               'higher': row['higher_is_better'], 'runs': {}})
       if entry['classical'] is None:
         entry['classical'] = row['classical']

@@ -29,20 +29,21 @@ import numpy as np
 from scipy import stats
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+  """Rows of x scaled to unit L2 norm (zero rows stay ~0)."""
   x = np.asarray(x, np.float64)
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """(N, M) cosine similarities of the rows of a (N, D) and b (M, D)."""
-  return _unit(a) @ _unit(b).T
+  return unit(a) @ unit(b).T
 
 
 def token_similarity(tokens_a: np.ndarray, tokens_b: np.ndarray,
                      weights: np.ndarray | None = None) -> float:
   """sum w cos(a_i, b_i) / sum w over paired tokens (B, N, D); plain mean without w."""
-  cos = np.sum(_unit(tokens_a) * _unit(tokens_b), axis=-1)  # (B, N)
+  cos = np.sum(unit(tokens_a) * unit(tokens_b), axis=-1)  # (B, N)
   if weights is None:
     return float(np.mean(cos))
   w = np.asarray(weights, np.float64)

@@ -129,8 +129,8 @@ def token_grid_scores(query_tokens: np.ndarray, gallery_tokens: np.ndarray,
     query_weights: (N, T) information weights of the query's tokens (None: uniform);
       `floor` is added so a chip of empty sky still compares all its tokens.
   """
-  q = diagnostics._unit(query_tokens)  # pylint: disable=protected-access
-  g = diagnostics._unit(gallery_tokens)  # pylint: disable=protected-access
+  q = diagnostics.unit(query_tokens)
+  g = diagnostics.unit(gallery_tokens)
   w = np.ones(q.shape[:2]) if query_weights is None else np.asarray(query_weights) + floor
   w = w / np.sum(w, axis=1, keepdims=True)  # (N, T)
   return np.einsum('itd,jtd,it->ij', q, g, w)
@@ -283,7 +283,7 @@ def profile_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   pb = diagnostics.cosine_matrix(b, b)[off].reshape(n, n - 1)
   pa = pa - pa.mean(axis=1, keepdims=True)
   pb = pb - pb.mean(axis=1, keepdims=True)
-  return np.sum(diagnostics._unit(pa) * diagnostics._unit(pb), axis=1)  # pylint: disable=protected-access
+  return np.sum(diagnostics.unit(pa) * diagnostics.unit(pb), axis=1)
 
 
 def compare(embeddings: Mapping[str, np.ndarray]) -> dict:
