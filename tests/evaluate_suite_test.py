@@ -251,3 +251,13 @@ def test_single_instrument_user_data(run, tmp_path):
       b.name for b in reg.instrument_bands('euclid')}
   assert report['embeddings']['band'].startswith('euclid')
   assert any('no rubin chips' in n for n in report['notes'])
+
+
+def test_beats_follows_the_direction():
+  row = {'metric': 'x', 'trained': 0.5, 'init': 0.2, 'classical': 0.9, 'chance': 0.1,
+         'higher_is_better': True}
+  assert report_lib.beats(row) == 'init,chance'
+  assert report_lib.beats({**row, 'higher_is_better': False}) == 'classical'
+  assert report_lib.beats({**row, 'trained': 0.05}) == '-'
+  assert report_lib.beats({**row, 'higher_is_better': None}) is None
+  assert report_lib.beats({**row, 'classical': None}) == 'init,chance'

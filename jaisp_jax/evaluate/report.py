@@ -181,26 +181,39 @@ _SUMMARY_PROBE_KEYS = ('astrometry.head_rms_mas', 'astrometry.register_rms_mas',
                        '.f1', 'scatter_mag', 'infomap_auc')
 
 
+def beats(row: Mapping) -> str | None:
+  """Which references the trained figure of a table row beats: e.g. 'init,chance'.
+
+  '-' when it beats none; None for rows without a better direction.
+  """
+  higher = row['higher_is_better']
+  trained = row['trained']
+  if higher is None or trained is None:
+    return None
+  won = [name for name in ('init', 'classical', 'chance') if row[name] is not None and (
+      trained > row[name] if higher else trained < row[name])]
+  return ','.join(won) or '-'
+
+
 def summary_lines(report: dict) -> list[str]:
-  """The short summary printed at the end of `evaluate` (also stored in the report)."""
-  run, data, r = report['run'], report['data'], report['retrieval']
+  """The short summary printed at the end of `evaluate` (also stored in the report).
+
+  One line per headline figure: trained, init, classical, chance, and which of the
+  three references the trained figure beats (in the metric's better direction).
+  """
+  run, data = report['run'], report['data']
   lines = [f'evaluation of {run["variant"]} at step {run["step"]} on {data["n_chips"]} '
-           f'held-out chips ({data["split"]}; truth: {"yes" if data["has_truth"] else "no"})',
-           f'  {"":42s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}']
+           f'held-out chips ({data["source"]}; truth: {"yes" if data["has_truth"] else "no"})',
+           f'  {"":46s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}  '
+           'trained beats']
   wanted = set(_SUMMARY_METRICS) | {
       row['metric'] for row in report['table'] if row['metric'].startswith('probe.') and
       any(k in row['metric'] for k in _SUMMARY_PROBE_KEYS)}
   for row in report['table']:
     if row['metric'] in wanted:
-      lines.append(f'  {row["metric"]:42s} {fmt(row["trained"]):>9s} {fmt(row["init"]):>9s} '
-                   f'{fmt(row["classical"]):>9s} {fmt(row["chance"]):>8s}')
-  top = _get(r, 'models', 'trained', 'global', 'top1')
-  ref = max([x for x in (_get(r, 'models', 'init', 'global', 'top1'), r['chance_top1'])
-             if x is not None])
-  if top is not None:
-    lines.append('  retrieval ' + (f'beats init and chance ({r["query_band"]} -> '
-                                   f'{r["gallery_band"]})' if top > ref else
-                                   'does NOT beat init/chance'))
+      lines.append(f'  {row["metric"]:46s} {fmt(row["trained"]):>9s} {fmt(row["init"]):>9s} '
+                   f'{fmt(row["classical"]):>9s} {fmt(row["chance"]):>8s}  '
+                   f'{beats(row) or ""}'.rstrip())
   if report['probes']['note']:
     lines.append(f'  probes: {report["probes"]["status"]} ({report["probes"]["note"]})')
   lines.append(f'  report: {report["report_path"]}')
