@@ -10,6 +10,7 @@ import pytest
 from jaisp_jax import inference
 from jaisp_jax.evaluate import heldout as heldout_lib
 from jaisp_jax.evaluate import probes
+from jaisp_jax.evaluate.probes import __main__ as probes_cli
 from jaisp_jax.evaluate.probes import synthetic
 from jaisp_jax.train import config as config_lib
 
@@ -62,6 +63,9 @@ def test_schema_for_smoke_models():
   assert set(rep['detection']['baselines']['rubin_r']) == {'sep', 'random'}
   assert set(rep['photometry']['baselines']['rubin_g-rubin_i']) >= {'median', 'aperture'}
   assert set(rep['seconds']) >= {'astrometry/trained', 'detection/init', 'photometry/baselines'}
+  text = '\n'.join(probes_cli.headline(rep))
+  for word in ('astrometry', 'detection rubin_r', 'colour rubin_g-rubin_i', 'trained', 'init'):
+    assert word in text
 
 
 def test_trained_and_init_side_by_side_with_known_answers():
@@ -103,6 +107,10 @@ def test_data_without_truth_skips_truth_probes_with_a_note():
 
 
 def test_config_overrides_are_checked():
+  sets = probes_cli.overrides(['detection.augment=2', 'astrometry.bands=["rubin_g"]',
+                               'realdata.band=rubin_i'])
+  assert sets == {'detection': {'augment': 2}, 'astrometry': {'bands': ['rubin_g']},
+                  'realdata': {'band': 'rubin_i'}}
   cfg = probes.ProbesConfig.from_dict({'detection': {'bands': ['euclid_vis'], 'augment': 2}})
   assert cfg.detection.bands == ('euclid_vis',) and cfg.detection.augment == 2
   with pytest.raises(ValueError, match='no field'):

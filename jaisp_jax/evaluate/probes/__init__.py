@@ -44,7 +44,8 @@ Schema of `run_probes` (version in 'schema'; NaN / inf become None):
    'detection': {'config', 'baselines': {band: {'sep', 'random': det}},
                  'models': {name: {band: {'head', 'head_shuffled'[, 'objectness']: det}}}},
        det = {'completeness': {'snr>5', 'snr>10'}, 'purity', 'f1', 'n_detections',
-              'n_true': {...}, 'threshold' | 'threshold_sigma'}
+              'n_true': {...}, 'threshold' (heads) | 'threshold_sigma' (sep) |
+              'density' (random)}
    'photometry': {'config', 'baselines': {'a-b': {'median', 'aperture': phot, 'n_train',
                   'truth_colour_std'}}, 'models': {name: {'a-b': {'head', 'head_shuffled':
                   phot}}}},

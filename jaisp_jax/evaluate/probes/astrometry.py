@@ -258,6 +258,8 @@ def baselines(heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = AstrometryCo
   """Classical figures (zero, centroid, xcorr) on the probe-test chips."""
   _, test = heldout.split(cfg.train_fraction, cfg.split_seed)
   bands = _bands(test, cfg)
+  if not bands or not test.has_band(cfg.reference_band):
+    return {'skipped': f'no band to measure against {cfg.reference_band} in the data'}
   src = select_sources(test, bands, cfg)
   pairs = _chip_pairs(test, bands, cfg)
   truth = np.array([_chip_truth(test, bands[j], cfg)[k] for k, j in pairs]).reshape(-1, 2)
@@ -286,7 +288,8 @@ def _source_features(grid_b, grid_r, stride_r, chips, x_ref, y_ref, band_j, n_ba
   fb = features.sample_grid(grid_b, chips, u, v)
   fr = features.sample_grid(grid_r, chips, u, v)
   onehot = np.eye(n_bands, dtype=np.float32)[band_j]
-  return np.concatenate([fb, fr, fb - fr, onehot], axis=1)
+  diff = [fb - fr] if fb.shape == fr.shape else []  # (toy models may differ in D)
+  return np.concatenate([fb, fr] + diff + [onehot], axis=1)
 
 
 def _head_examples(embed, heldout, bands, cfg, shifts_per_view: int, rng):
@@ -439,6 +442,9 @@ def run(model: Any, heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = Astrom
   and shift sensitivity. Same split and sources as `baselines`."""
   train, test = heldout.split(cfg.train_fraction, cfg.split_seed)
   bands = _bands(test, cfg)
+  if not bands or not test.has_band(cfg.reference_band):
+    return {'skipped': f'no band to measure against {cfg.reference_band} in the data',
+            'shift_sensitivity': shift_sensitivity(model, test, cfg)}
   embed = features.Embedder(model, cfg.batch_size)
   rng = np.random.default_rng(cfg.seed)
   x_tr, y_tr, g_tr, _ = _head_examples(embed, train, bands, cfg, cfg.n_train_shifts, rng)
@@ -449,8 +455,9 @@ def run(model: Any, heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = Astrom
                          'n_train_examples': int(x_tr.shape[0])}
   ok = np.ones(len(src.rows), bool)
   for name, shuffle in (('head', False), ('head_shuffled', True)):
-    if x_tr.shape[0] < 4:
-      out['chip_level'][name] = {'skipped': 'fewer than 4 training sources'}
+    if x_tr.shape[0] < 4 or len(src.rows) == 0:
+      out['chip_level'][name] = {'skipped': f'{x_tr.shape[0]} training / {len(src.rows)} '
+                                            'test sources'}
       continue
     head = heads.fit(x_tr, y_tr, cfg.head, shuffle_labels=shuffle, groups=g_tr)
     pred = head.predict(x_te)

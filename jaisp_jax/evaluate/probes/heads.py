@@ -41,7 +41,7 @@ class HeadConfig:
   lr: float = 3e-3
   weight_decay: float = 1e-4
   val_fraction: float = 0.2
-  eval_every: int = 25
+  eval_every: int = 10
   seed: int = 0
 
 
