@@ -43,6 +43,16 @@ def overrides(sets: Sequence[str]) -> dict:
   return out
 
 
+def _num(v, digits: int = 2) -> str:
+  return '-' if v is None else f'{v:.{digits}f}'
+
+
+def _det(d: dict) -> str:
+  c = d['completeness']
+  return (f'C5 {_num(c.get("snr>5"))} C10 {_num(c.get("snr>10"))} P {_num(d["purity"])} '
+          f'F1 {_num(d["f1"])}')
+
+
 def headline(rep: dict) -> list[str]:
   """A few lines: each probe's key figure per model next to its baselines."""
   lines = [f'probes on {rep["heldout"]["n_chips"]} held-out chips ({rep["heldout"]["source"]})']
@@ -61,8 +71,7 @@ def headline(rep: dict) -> list[str]:
     px = a['baselines']['pixels_shift_sensitivity'].get('drop_at_100mas')
     lines.append(f'    pixels: shift drop@100mas {px:.4f}')
   for band, base in rep.get('detection', {}).get('baselines', {}).items():
-    f = lambda d: (f'C5 {d["completeness"]["snr>5"]:.2f} C10 {d["completeness"]["snr>10"]:.2f} '  # noqa: E731
-                   f'P {d["purity"] or 0:.2f} F1 {d["f1"]:.2f}')
+    f = _det
     lines.append(f'  detection {band}: sep {f(base["sep"])} | random {f(base["random"])}')
     for m in models:
       d = rep['detection']['models'][m][band]
@@ -78,13 +87,11 @@ def headline(rep: dict) -> list[str]:
   r = rep.get('realdata')
   if r:
     s = r['sep']
-    lines.append(f'  real field vs SExtractor: sep C5 {s["completeness"]["snr>5"]:.2f} '
-                 f'P {s["purity"]:.2f}')
+    lines.append(f'  real field vs SExtractor: sep {_det({**s, "f1": None})}')
     for m, d in r['models'].items():
       extra = ''
       if 'head' in d:
-        extra = (f', head C5 {d["head"]["completeness"]["snr>5"]:.2f} '
-                 f'P {d["head"]["purity"] or 0:.2f}')
+        extra = f', head {_det({**d["head"], "f1": None})}'
       lines.append(f'    {m}: infomap AUC {d["infomap"]["auc"]:.3f}{extra}')
   for probe, why in rep['skipped'].items():
     lines.append(f'  skipped {probe}: {why}')
