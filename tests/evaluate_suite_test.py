@@ -148,7 +148,7 @@ def test_plots_written_and_listed(run):
     assert os.path.getsize(os.path.join(out, name)) > 1000
 
 
-def test_tensorboard_and_summary(run):
+def test_tensorboard_and_summary(run, capsys):
   _, workdir, report, lines = run
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={'tensors': 0, 'images': 0})
   acc.Reload()
@@ -160,6 +160,8 @@ def test_tensorboard_and_summary(run):
              set(tags['images']) | scalar_tags)
   text = '\n'.join(lines)
   assert text.endswith('\n'.join(report['summary']))   # after the probes' progress lines
+  assert suite.main([workdir]) == 0
+  assert capsys.readouterr().out.strip() == '\n'.join(report['summary'])
   assert 'retrieval.global.top1' in text and 'report.json' in text
 
 
@@ -191,6 +193,8 @@ def test_user_data_without_truth_is_deterministic(run, tmp_path):
 def test_no_checkpoint_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match='no checkpoints'):
     suite.evaluate(tiny_config(), str(tmp_path), embedding_method='pca')
+  with pytest.raises(UserError, match='no report'):
+    suite.main([str(tmp_path)])
 
 
 def test_probe_rows_follow_the_probes_schema():
@@ -261,3 +265,16 @@ def test_beats_follows_the_direction():
   assert report_lib.beats({**row, 'trained': 0.05}) == '-'
   assert report_lib.beats({**row, 'higher_is_better': None}) is None
   assert report_lib.beats({**row, 'classical': None}) == 'init,chance'
+
+
+def test_compare_similarity_of_the_same_run_is_one(run, tmp_path):
+  from jaisp_jax.evaluate import compare  # pylint: disable=import-outside-toplevel
+  _, workdir, _, _ = run
+  out = tmp_path / 'cmp.md'
+  assert compare.main([f'a={workdir}', f'b={workdir}', '--out', str(out), '--similarity',
+                       '--max_chips', '8']) == 0
+  text = out.read_text()
+  assert '## Embedding similarity between objectives' in text
+  row_a = next(l for l in text.splitlines() if l.startswith('| a |'))
+  assert row_a.split('|')[2:4] == [' 1.00 ', ' 1.00 ']     # CKA(a, a), CKA(a, b)
+  assert (tmp_path / 'cmp.png').stat().st_size > 1000

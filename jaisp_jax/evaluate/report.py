@@ -6,8 +6,10 @@ architecture at initialisation) and 'classical' (pixels, no learning)):
 
   schema_version  1
   run             {workdir, variant, step, seed, embed_dim}
-  data            {split, n_chips, has_truth, n_sources, source, bands, query_band,
-                   gallery_band, crop_px: {instrument: px}}
+  data            {split ('validation'...: the TFDS split; 'fresh simulated field':
+                   on-the-fly configs; 'given': chips passed to evaluate), n_chips,
+                   has_truth, n_sources, source, bands, query_band, gallery_band,
+                   crop_px: {instrument: px}}
   models          {trained, init, classical: one-line descriptions}
   diagnostics     {model: {token_similarity, token_similarity_unweighted,
                    token_similarity_shuffled, var_loss, var_min, var_mean, effective_dim,

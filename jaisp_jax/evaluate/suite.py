@@ -13,11 +13,11 @@ freshly simulated field), next to two references computed on the same chips:
 Sections: collapse diagnostics (diagnostics.py), cross-instrument retrieval and
 embedding analysis (embeddings.py), and the probes scored against truth
 (`evaluate.probes`: astrometry, detection, photometry, sep's real field). Writes
-`W/eval/report.json` (schema below), PNG plots in `W/eval/`, the scalars and plots to
+`W/eval/report.json` (schema in report.py), PNG plots in `W/eval/`, the scalars and plots to
 TensorBoard under `eval/` (step = checkpoint step) and prints a summary. Everything
 is seeded; two runs on the same workdir give the same numbers.
 
-The schema of report.json is in report.py (version `report.SCHEMA_VERSION`).
+`python -m jaisp_jax.evaluate.suite W` prints the summary of a stored W/eval/report.json.
 """
 
 from __future__ import annotations
@@ -452,8 +452,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
   step = int(step or 0)
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
-  if data is None:
+  if data is not None:
+    split = 'given'
+  else:
     data = load_heldout(config, registry, max_chips or int(config.eval.max_chips))
+    split = config.data.eval_split if config.data.data_dir else 'fresh simulated field'
   missing = complete_instruments(data.chips, registry)
   models = {'trained': inference.from_params(params, config, registry),
             'init': inference.from_params(_init_params(config), config, registry)}
@@ -473,7 +476,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, max_chips: int 
       'run': {'workdir': os.path.abspath(workdir), 'variant': config.model.variant,
               'step': step, 'seed': int(config.seed),
               'embed_dim': int(embedded['trained'].globals[query].shape[1])},
-      'data': {'split': config.data.eval_split, 'n_chips': data.n,
+      'data': {'split': split, 'n_chips': data.n,
                'has_truth': data.sources is not None,
                'n_sources': None if data.sources is None else int(len(data.sources['chip'])),
                'source': data.description, 'bands': bands, 'query_band': query,
@@ -554,11 +557,19 @@ def _diagnostic_plots(report, embedded, data, registry, bands, query, out_dir, i
         os.path.join(out_dir, 'retrieval.png'))
 
 
-def main_print(report: dict) -> None:
-  """Prints a stored report's summary (e.g. `python -m jaisp_jax.evaluate.suite W`)."""
-  print('\n'.join(report['summary']))
+def main(argv=None) -> int:
+  """`python -m jaisp_jax.evaluate.suite W`: prints the summary of W/eval/report.json."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if len(argv) != 1:
+    raise UserError('usage: python -m jaisp_jax.evaluate.suite WORKDIR')
+  path = os.path.join(argv[0], 'eval', 'report.json')
+  if not os.path.exists(path):
+    raise UserError(f'{path}: no report; run --mode=evaluate first')
+  with open(path) as f:
+    print('\n'.join(json.load(f)['summary']))
+  return 0
 
 
 if __name__ == '__main__':
-  with open(os.path.join(sys.argv[1], 'eval', 'report.json')) as f:
-    main_print(json.load(f))
+  from jaisp_jax import cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.run(main, prog='jaisp_jax.evaluate.suite'))
