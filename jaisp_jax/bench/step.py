@@ -1,0 +1,241 @@
+"""Train-step benchmark: the exact jitted step of training, timed on synthetic batches.
+
+The step is the one `train_and_evaluate` runs (`Trainer.jitted_step`: explicit
+shardings, donated state), lowered and compiled once ahead of time so that compile
+time is reported apart from step time. Batches are synthetic (`data.batch`: Gaussian
+sources on unit noise) with the benchmark's quotas, `n_batches` distinct ones cycled
+through, already on the devices (the input pipeline is timed separately: `pipeline`).
+
+Figures (`run_step` returns them; the CLI prints them and saves JSON):
+  compile: lower_s, compile_s (and init_s of the sharded state);
+  cost (from `compiled.cost_analysis()`, per device = per SPMD program):
+    flops_per_step_device, bytes_per_step_device, flops_per_step (x devices);
+  time: warm-up steps excluded; every timed step is blocked on and timed alone:
+    step_median_s, step_min_s, step_max_s, step_p25_s, step_p75_s (spread),
+    steps_per_s = steps / total timed seconds (as the PyTorch reference computes it),
+    samples_per_s, tokens_per_s;
+  throughput: flops_per_s (global, at the median step), flops_per_s_device,
+    mfu = flops_per_s_device / the device's peak (`hardware.device_peak`);
+  memory: peak_rss_mb (host), device_peak_mb (accelerators), compiled temp/argument
+    bytes per device (`compiled.memory_analysis()`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaisp_jax.bench import hardware
+from jaisp_jax.cli import UserError
+from jaisp_jax.data import batch as batch_lib
+from jaisp_jax.train import loop
+from jaisp_jax.train import sharding
+
+PAIR_VARIANTS = ('jepa', 'two_view', 'detr_jepa')
+
+
+def make_batch(config: ml_collections.ConfigDict, registry, quotas: dict[str, int],
+               seed: int) -> dict:
+  """One synthetic host batch in the training format (pairs, plus chips if configured)."""
+  batch = {'pairs': batch_lib.synthetic_pairs_batch(seed, registry, quotas,
+                                                     config.data.crop_arcsec)}
+  if config.data.chips_per_batch > 0:
+    batch['chips'] = batch_lib.synthetic_chips_batch(
+        seed, registry, int(config.data.chips_per_batch), config.data.crop_arcsec)
+  return batch
+
+
+def work_per_step(config: ml_collections.ConfigDict, registry,
+                  quotas: dict[str, int]) -> tuple[int, int]:
+  """(samples, trunk tokens) per step: pairs for the pair variants, chips otherwise."""
+  side = config.data.crop_arcsec / config.model.token_arcsec
+  n_tokens = int(round(side)) ** 2
+  if config.model.variant in PAIR_VARIANTS:
+    pairs = sum(quotas.values())
+    return pairs, 2 * pairs * n_tokens
+  chips = int(config.data.chips_per_batch)
+  per_chip = len(registry.instruments) if config.model.variant == 'clip' else 1
+  return chips, chips * per_chip * n_tokens
+
+
+def cost_figures(compiled) -> dict[str, float]:
+  """FLOPs and bytes accessed per device of a compiled program (XLA cost analysis)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
+    cost = cost[0]
+  cost = cost or {}
+  out = {'flops_per_step_device': float(cost.get('flops', float('nan'))),
+         'bytes_per_step_device': float(cost.get('bytes accessed', float('nan')))}
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    mem = None
+  if mem is not None:
+    for name in ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes',
+                 'alias_size_in_bytes'):
+      if hasattr(mem, name):
+        out[f'compiled_{name[:-len("_size_in_bytes")]}_mb_device'] = getattr(mem, name) / 2 ** 20
+  return out
+
+
+class StepBench:
+  """Trainer, sharded state, compiled step and device batches of one config.
+
+  Args:
+    config: experiment config.
+    quotas: pairs per instrument combination of the (global) batch.
+    mesh: device mesh (default: from `config.mesh` over all devices).
+    n_batches: distinct synthetic batches cycled through.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, quotas: dict[str, int], mesh=None,
+               n_batches: int = 4):
+    self.config = config
+    self.quotas = dict(quotas)
+    self.trainer = loop.Trainer(config, mesh=mesh)
+    self.mesh = self.trainer.mesh
+    self.n_devices = self.mesh.size
+    _, self.shardings = self.trainer.abstract_state()
+    self.host_batches = [make_batch(config, self.trainer.registry, self.quotas, seed)
+                         for seed in range(n_batches)]
+    self.figures: dict[str, Any] = {}
+    self.state = None
+    self.compiled = None
+    self.batches = None
+
+  def init_state(self):
+    t0 = time.perf_counter()
+    self.state = jax.block_until_ready(self.trainer.fresh_state(self.shardings))
+    self.figures['init_s'] = time.perf_counter() - t0
+    self.batches = [sharding.global_batch(b, self.mesh) for b in self.host_batches]
+    return self.state
+
+  def compile(self):
+    """Lowers and compiles the step against the first batch; cost figures."""
+    step = self.trainer.jitted_step(self.shardings)
+    abstract, _ = self.trainer.abstract_state()
+    example = sharding.global_batch(self.host_batches[0], self.mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(abstract, example)
+    t1 = time.perf_counter()
+    self.compiled = lowered.compile()
+    t2 = time.perf_counter()
+    self.lowered = lowered
+    self.figures.update(lower_s=t1 - t0, compile_s=t2 - t1, **cost_figures(self.compiled))
+    self.figures['flops_per_step'] = self.figures['flops_per_step_device'] * self.n_devices
+    return self.compiled
+
+  def run(self, steps: int, start: int = 0) -> list[float]:
+    """Runs `steps` steps, each blocked on and timed; returns the seconds per step."""
+    times = []
+    for i in range(start, start + steps):
+      t0 = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batches[i % len(self.batches)])
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - t0)
+    self.last_metrics = metrics
+    return times
+
+
+def summarize(times: list[float], figures: dict[str, Any], samples: int, tokens: int,
+              peak: hardware.Peak, n_devices: int) -> dict[str, Any]:
+  """Adds time, throughput and MFU figures of the timed steps to `figures`."""
+  q = np.percentile(times, [25, 75])
+  med = statistics.median(times)
+  total = sum(times)
+  f = dict(figures)
+  f.update(steps=len(times), step_median_s=med, step_min_s=min(times), step_max_s=max(times),
+           step_p25_s=float(q[0]), step_p75_s=float(q[1]), timed_s=total,
+           steps_per_s=len(times) / total, samples_per_step=samples, tokens_per_step=tokens)
+  f['samples_per_s'] = f['steps_per_s'] * samples
+  f['tokens_per_s'] = f['steps_per_s'] * tokens
+  f['flops_per_s'] = f['flops_per_step'] / med
+  f['flops_per_s_device'] = f['flops_per_step_device'] / med
+  f['peak_flops_per_s_device'] = peak.flops_per_s
+  f['peak_how'] = peak.how
+  f['mfu'] = f['flops_per_s_device'] / peak.flops_per_s if peak.flops_per_s > 0 else float('nan')
+  return f
+
+
+def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps: int,
+             warmup: int, peak_tflops: float | None = None, mesh=None, n_batches: int = 4,
+             log=print, profile=None) -> dict[str, Any]:
+  """Compiles and times the train step (module docstring); returns the figures.
+
+  `profile(bench)`, if given, is called after the timed steps (e.g. to trace a few
+  more steps with the profiler).
+  """
+  if steps < 1 or warmup < 0:
+    raise UserError(f'--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})')
+  bench = StepBench(config, quotas, mesh=mesh, n_batches=n_batches)
+  samples, tokens = work_per_step(config, bench.trainer.registry, quotas)
+  device = bench.mesh.devices.flat[0]
+  log(f'jax {jax.__version__} on {device.platform} ({device.device_kind}), '
+      f'{bench.n_devices} device(s), mesh {dict(bench.mesh.shape)}; variant '
+      f'{config.model.variant}, dtype {config.model.dtype}, stem {config.model.stem.kind}, '
+      f'D {config.model.trunk.embed_dim}, depth {config.model.trunk.depth}, '
+      f'remat {config.model.trunk.remat}; batch {quotas} ({samples} samples, '
+      f'{tokens} trunk tokens per step), crop {config.data.crop_arcsec}"')
+  bench.compile()
+  f = bench.figures
+  log(f'compile: lower {f["lower_s"]:.1f} s, compile {f["compile_s"]:.1f} s; '
+      f'{f["flops_per_step_device"] / 1e9:.1f} GFLOP and '
+      f'{f["bytes_per_step_device"] / 1e9:.1f} GB accessed per step per device '
+      f'(XLA cost analysis)')
+  bench.init_state()
+  t0 = time.perf_counter()
+  warm = bench.run(warmup)
+  f['warmup_s'] = time.perf_counter() - t0
+  if warm:
+    log(f'warm-up: {warmup} steps, first {warm[0]:.2f} s, last {warm[-1]:.2f} s (excluded)')
+  times = bench.run(steps, start=warmup)
+  loss = float(jax.device_get(bench.last_metrics['loss']))
+  if not np.isfinite(loss):
+    raise RuntimeError(f'non-finite loss {loss} after {warmup + steps} steps')
+  peak = hardware.device_peak(device, config.model.dtype, peak_tflops)
+  out = summarize(times, f, samples, tokens, peak, bench.n_devices)
+  out.update(final_loss=loss, n_devices=bench.n_devices, platform=device.platform,
+             device_kind=device.device_kind, quotas=quotas, jax_version=jax.__version__,
+             peak_rss_mb=hardware.peak_rss_mb(),
+             device_peak_mb=hardware.device_memory_peak_mb(device))
+  if profile is not None:
+    profile(bench)
+  return out
+
+
+def report_lines(f: dict[str, Any]) -> list[str]:
+  """Human-readable lines of `run_step` figures; the last is the contract line."""
+  mfu = f'{100 * f["mfu"]:.1f}%' if np.isfinite(f['mfu']) else 'n/a'
+  lines = [
+      f'step: median {f["step_median_s"]:.3f} s (p25 {f["step_p25_s"]:.3f}, p75 '
+      f'{f["step_p75_s"]:.3f}, min {f["step_min_s"]:.3f}, max {f["step_max_s"]:.3f}) over '
+      f'{f["steps"]} timed steps; final loss {f["final_loss"]:.4f}',
+      f'throughput: {f["samples_per_s"]:.2f} samples/s, {f["tokens_per_s"]:.0f} tokens/s; '
+      f'{f["flops_per_s"] / 1e9:.1f} GFLOP/s achieved ({f["flops_per_s_device"] / 1e9:.1f} '
+      f'per device)',
+      f'MFU {mfu} of {f["peak_flops_per_s_device"] / 1e9:.0f} GFLOP/s per device '
+      f'[{f["peak_how"]}]',
+  ]
+  mem = f'memory: peak host RSS {f["peak_rss_mb"]:.0f} MB'
+  if f.get('device_peak_mb') is not None:
+    mem += f', peak device memory {f["device_peak_mb"]:.0f} MB'
+  if 'compiled_temp_mb_device' in f:
+    mem += (f', compiled temp {f["compiled_temp_mb_device"]:.0f} MB + arguments '
+            f'{f.get("compiled_argument_mb_device", float("nan")):.0f} MB per device')
+  lines.append(mem)
+  lines.append(f'steps_per_s={f["steps_per_s"]:.4f} samples_per_s={f["samples_per_s"]:.4f} '
+               f'peak_rss_mb={f["peak_rss_mb"]:.1f}')
+  return lines
+
+
+def flops_per_step(config: ml_collections.ConfigDict, quotas: dict[str, int],
+                   mesh=None) -> float:
+  """Compiled FLOPs per step per device (no execution): for tests and scaling."""
+  bench = StepBench(config, quotas, mesh=mesh, n_batches=1)
+  bench.compile()
+  return bench.figures['flops_per_step_device']
