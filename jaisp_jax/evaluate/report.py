@@ -206,14 +206,14 @@ def summary_lines(report: dict) -> list[str]:
   run, data = report['run'], report['data']
   lines = [f'evaluation of {run["variant"]} at step {run["step"]} on {data["n_chips"]} '
            f'held-out chips ({data["source"]}; truth: {"yes" if data["has_truth"] else "no"})',
-           f'  {"":46s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}  '
+           f'  {"":48s} {"trained":>9s} {"init":>9s} {"classical":>9s} {"chance":>8s}  '
            'trained beats']
   wanted = set(_SUMMARY_METRICS) | {
       row['metric'] for row in report['table'] if row['metric'].startswith('probe.') and
       any(k in row['metric'] for k in _SUMMARY_PROBE_KEYS)}
   for row in report['table']:
     if row['metric'] in wanted:
-      lines.append(f'  {row["metric"]:46s} {fmt(row["trained"]):>9s} {fmt(row["init"]):>9s} '
+      lines.append(f'  {row["metric"]:48s} {fmt(row["trained"]):>9s} {fmt(row["init"]):>9s} '
                    f'{fmt(row["classical"]):>9s} {fmt(row["chance"]):>8s}  '
                    f'{beats(row) or ""}'.rstrip())
   if report['probes']['note']:
