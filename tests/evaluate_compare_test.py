@@ -49,7 +49,7 @@ def test_main_writes_markdown(tmp_path):
                        '--budget', '5 steps']) == 0
   text = out.read_text()
   assert 'Budget: 5 steps' in text and '**0.900** (0.100)' in text
-  assert '| metric | chance | classical | x | y | best |' in text
+  assert '\n\n| metric | chance | classical | x | y | best |' in text   # table after a blank line
   with pytest.raises(UserError, match='report.json'):
     compare.main([f'z={tmp_path / "nothing"}', '--out', str(out)])
 

@@ -91,7 +91,7 @@ def header(reports: dict[str, dict], budget: str = '') -> str:
       '',
       'Cells: trained (init = same architecture untrained). **Bold**: beats init, the classical '
       'pixel baseline and chance in the metric\'s better direction. `best`: best trained '
-      'variant. Rows without a direction (e.g. token_similarity) are descriptive.', ''])
+      'variant. Rows without a direction (e.g. token_similarity) are descriptive.', '', ''])
 
 
 def similarity_section(runs: Sequence[tuple[str, str]], out_png: str, max_chips: int) -> str:
