@@ -39,6 +39,14 @@ def test_markdown_table_bold_best_and_missing():
   assert sim == ['-', '0.800', '0.500 (0.200)', 'n/a', '']
 
 
+def test_best_ties():
+  reports = {n: _report(1, [('m', 0.5, 0.1, 0.2, None, True), ('n', v, 0.1, 0.2, None, True)])
+             for n, v in (('a', 0.3), ('b', 0.3), ('c', 0.1))}
+  lines = compare.markdown_table(reports).splitlines()
+  assert lines[2].endswith('| tie |')        # every variant equal
+  assert lines[3].endswith('| a/b |')        # two tied winners
+
+
 def test_main_writes_markdown(tmp_path):
   for name, v in (('x', 0.9), ('y', 0.2)):
     os.makedirs(tmp_path / name / 'eval')

@@ -8,7 +8,8 @@ WORKDIR/eval/report.json). Rows are the reports' headline metrics (report['table
 each variant's cell reads `trained (init)`; `chance` and `classical` (the pixel
 baseline, the same held-out chips for every variant) come first. A trained figure in
 bold beats both its own initialisation and the classical baseline (in the metric's
-better direction); `best` names the variant with the best trained figure.
+better direction); `best` names the variant with the best trained figure (tied
+names joined by '/', 'tie' when every variant has the same figure).
 
 `--similarity` also compares the variants' global embeddings of the same held-out
 chips (linear CKA and similarity-profile cosine, `embeddings.compare_representations`)
@@ -47,6 +48,17 @@ def _better(a, b, higher: bool | None) -> bool:
   return a > b if higher else a < b
 
 
+def _best(values: dict[str, float], higher: bool | None) -> str:
+  """Name of the best value; tied names joined by '/', 'tie' when all are equal."""
+  if higher is None or not values:
+    return ''
+  top = max(values.values()) if higher else min(values.values())
+  winners = [n for n, v in values.items() if v == top]
+  if len(winners) == len(values) and len(values) > 1:
+    return 'tie'
+  return '/'.join(winners)
+
+
 def markdown_table(reports: dict[str, dict]) -> str:
   """The comparison table (markdown), metrics in the order the reports list them."""
   names = list(reports)
@@ -63,7 +75,8 @@ def markdown_table(reports: dict[str, dict]) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for metric, e in rows.items():
     cells = [f'`{metric}`', _fmt(e['chance']), _fmt(e['classical'])]
-    best, best_v = None, None
+    trained_of = {n: e['runs'][n][0] for n in names
+                  if n in e['runs'] and e['runs'][n][0] is not None}
     for name in names:
       trained, init = e['runs'].get(name, (None, None))
       text = f'{_fmt(trained)} ({_fmt(init)})' if name in e['runs'] else 'n/a'
@@ -71,10 +84,7 @@ def markdown_table(reports: dict[str, dict]) -> str:
       if trained is not None and refs and all(_better(trained, r, e['higher']) for r in refs):
         text = f'**{_fmt(trained)}** ({_fmt(init)})'
       cells.append(text)
-      if trained is not None and e['higher'] is not None and (
-          best_v is None or _better(trained, best_v, e['higher'])):
-        best, best_v = name, trained
-    cells.append(best or '')
+    cells.append(_best(trained_of, e['higher']))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -91,7 +101,8 @@ def header(reports: dict[str, dict], budget: str = '') -> str:
       '',
       'Cells: trained (init = same architecture untrained). **Bold**: beats init, the classical '
       'pixel baseline and chance in the metric\'s better direction. `best`: best trained '
-      'variant. Rows without a direction (e.g. token_similarity) are descriptive.', '', ''])
+      'variant (\'tie\': all equal). Rows without a direction (e.g. token_similarity) are '
+      'descriptive.', '', ''])
 
 
 def similarity_section(runs: Sequence[tuple[str, str]], out_png: str, max_chips: int) -> str:
