@@ -26,7 +26,9 @@ import re
 import jax
 
 _MATMUL = re.compile(r'dot|conv|gemm|ynn|xnn|onednn|cublas|cudnn|matmul|triton')
-_SKIP = re.compile(r'^(jit\(|jvp\(|transpose\(|vmap\(|remat|checkpoint|JAISP|pjit)')
+_CONTROL = re.compile(r'\s(while|conditional|call)\(')
+_SKIP = re.compile(r'^(jit\(|jvp\(|transpose\(|vmap\(|remat|checkpoint|JAISP|pjit|cond$|'
+                   r'branch_\d|while$|body$|closed_call|custom_)')
 
 
 def trace(bench, logdir: str, steps: int = 2) -> str:
@@ -44,10 +46,15 @@ def trace(bench, logdir: str, steps: int = 2) -> str:
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> JAX op_name metadata, from optimised HLO text."""
+  """HLO instruction name -> JAX op_name metadata, from optimised HLO text.
+
+  Control-flow ops (while, conditional, call) are left out: their trace events span
+  the ops of their bodies, which are counted themselves.
+  """
   out = {}
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text, re.M):
-    out[m.group(1)] = m.group(2)
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?)op_name="([^"]*)"', hlo_text, re.M):
+    if not _CONTROL.search(m.group(2)):
+      out[m.group(1)] = m.group(3)
   return out
 
 
