@@ -246,3 +246,33 @@ def test_get_representation_rubin_and_euclid_of_the_same_sky():
   np.testing.assert_allclose(ra1['tokens'], ra['tokens'], rtol=1e-4, atol=1e-5)
   # The information map marks the same sources in both instruments.
   assert float(jnp.corrcoef(ra['token_weights'].ravel(), eu['token_weights'].ravel())[0, 1]) > 0.7
+
+
+def test_info_pooled_global_is_the_information_weighted_token_mean():
+  cfg = tiny_config('jepa', global_pool='info', global_pool_floor=0.01)
+  model = jaisp.JAISP(cfg, REG)
+  variables = jax.jit(model.init)(KEY, make_batch(0))
+  view = jax.tree.map(np.array, batch_lib.synthetic_pairs_batch(
+      11, REG, {'rubin-euclid': 3}, CROP)['rubin-euclid']['b'])
+  view['mask'][0, :16, :16] = 0.0  # one token of sample 0 fully masked
+  view['image'][0, :16, :16] = view['rms'][0, :16, :16] = 0.0
+  view['band'][:] = REG.band_id('euclid_vis')
+  enc = jax.jit(lambda v, x: model.apply(v, x, 'euclid', method=jaisp.JAISP.encode_view))
+  out = enc(variables, view)
+  w = np.asarray(out['token_weights'], np.float64)  # (3, N)
+  cov = view['mask'].reshape(3, 4, 16, 4, 16).mean(axis=(2, 4)).reshape(3, N)
+  assert w[0, 0] == 0.0 and cov[0, 0] == 0.0
+  u = w + 0.01 * cov
+  want = np.einsum('bn,bnd->bd', u, np.asarray(out['tokens'], np.float64)) / u.sum(1)[:, None]
+  np.testing.assert_allclose(out['global'], want, rtol=1e-5, atol=1e-6)
+  # Sources dominate: the global is not the plain token mean.
+  assert float(np.abs(want - np.asarray(out['tokens']).mean(1)).max()) > 1e-2
+  # The inference API pools the same way.
+  rep = jaisp.get_representation(variables, view['image'][:, None], view['rms'][:, None],
+                                 'euclid_vis', cfg, REG, normalise=False)
+  np.testing.assert_allclose(rep['global'], want, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_global_pool_is_refused():
+  with pytest.raises(ValueError, match='global_pool'):
+    build('jepa', global_pool='max')

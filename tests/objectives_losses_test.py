@@ -10,6 +10,7 @@ from jaisp_jax import bands
 from jaisp_jax.data import batch as batch_lib
 from jaisp_jax.models import jaisp
 from jaisp_jax.objectives import losses
+from jaisp_jax.objectives import vicreg
 
 REG = bands.default_registry()
 KEY = jax.random.key(0, impl='rbg')  # rbg: faster to compile on CPU than threefry
@@ -71,6 +72,13 @@ CASES = {
                     {'loss_recon', 'recon_chi2_rubin', 'recon_chi2_euclid'},
                     lambda m, c: c.recon * m['loss_recon']),
 }
+# The smoke preset's objective: no predictor, info-pooled global, VICReg over weighted
+# tokens, VICReg invariance between the pair's globals.
+CASES['jepa_tokens_inv'] = (
+    _config('jepa', predictor=dict(kind='none'), global_pool='info'), ('pairs',),
+    {'loss_jepa', 'loss_vicreg', 'loss_inv', 'global_similarity', 'effective_dim'},
+    lambda m, c: c.jepa * m['loss_jepa'] + m['loss_vicreg'] + c.inv * m['loss_inv'])
+CASES['jepa_tokens_inv'][0].loss.update(vicreg_on='tokens', inv=0.5)
 # Non-default term weights, so the composition check below sees them.
 for _case in CASES.values():
   _case[0].loss.update(jepa=0.7, shift=0.3, recon=0.6, slot=1.3, objectness=0.2, ntxent=0.9)
@@ -135,3 +143,37 @@ def test_two_view_without_ema_aligns_the_online_views():
        'b': dict(tokens=a['tokens'], token_weights=b['token_weights'],
                  **{'global': a['tokens'].mean(1)})}, None, {'pairs': pairs}, config)
   np.testing.assert_allclose(m['loss_jepa'], 0.0, atol=1e-6)
+
+
+def _token_outputs(seed, p=4, n=16, d=8):
+  rng = np.random.default_rng(seed)
+  side = lambda: dict(  # noqa: E731
+      tokens=jnp.asarray(rng.normal(size=(p, n, d)), jnp.float32),
+      token_weights=jnp.asarray(rng.random((p, n)), jnp.float32),
+      **{'global': jnp.asarray(rng.normal(size=(p, d)), jnp.float32)})
+  return {'a': side(), 'b': side()}
+
+
+def test_vicreg_on_tokens_and_invariance_terms():
+  config = _config('two_view')
+  config.loss.two_view_ema = False
+  pairs = jax.tree.map(jnp.asarray, batch_lib.synthetic_pairs_batch(
+      0, REG, {'rubin-euclid': 4}, CROP))
+  out = _token_outputs(1)
+  _, m_glob = losses.total_loss(out, None, {'pairs': pairs}, config)
+  config.loss.update(vicreg_on='tokens', inv=2.0)
+  loss, m = losses.total_loss(out, None, {'pairs': pairs}, config)
+  a, b = out['a'], out['b']
+  z = jnp.concatenate([a['tokens'].reshape(-1, 8), b['tokens'].reshape(-1, 8)])
+  w = jnp.concatenate([a['token_weights'].reshape(-1), b['token_weights'].reshape(-1)])
+  want_v, _ = vicreg.weighted_vicreg_loss(z, w, 1.0, 0.04)
+  np.testing.assert_allclose(m['loss_vicreg'], want_v, rtol=1e-5)
+  assert abs(float(m['loss_vicreg']) - float(m_glob['loss_vicreg'])) > 1e-3
+  np.testing.assert_allclose(m['loss_inv'], np.mean((np.asarray(a['global'])
+                                                     - np.asarray(b['global'])) ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, m['loss_jepa'] + m['loss_vicreg'] + 2.0 * m['loss_inv'],
+                             rtol=1e-5)
+  config.loss.vicreg_on = 'slots'
+  with pytest.raises(ValueError, match='vicreg_on'):
+    losses.total_loss(out, None, {'pairs': pairs}, config)

@@ -86,3 +86,38 @@ def test_effective_dim_and_rankme():
                              np.exp(-np.sum(p * np.log(p))), rtol=1e-4)
   np.testing.assert_allclose(vicreg.rankme(line), 1.0, atol=1e-3)
   assert float(vicreg.effective_dim(jnp.ones((5, 3)))) == 0.0
+
+
+def test_weighted_vicreg_reduces_to_vicreg_and_ignores_zero_weights():
+  rng = np.random.default_rng(4)
+  z = rng.normal(size=(24, 6)) * np.arange(1, 7) * 0.3 + 2.0
+  zj = jnp.asarray(z, jnp.float32)
+  want, wm = vicreg.vicreg_loss(zj, 1.0, 0.04)
+  got, gm = vicreg.weighted_vicreg_loss(zj, jnp.ones(24), 1.0, 0.04)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), gm, wm)
+  # Rows of weight 0 (sky tokens) change nothing, whatever they hold; the weights'
+  # overall scale does not matter either (reliability weights).
+  junk = jnp.asarray(np.concatenate([z, rng.normal(size=(10, 6)) * 50.0]), jnp.float32)
+  w = jnp.concatenate([jnp.full(24, 0.3), jnp.zeros(10)])
+  got2, _ = vicreg.weighted_vicreg_loss(junk, w, 1.0, 0.04)
+  np.testing.assert_allclose(got2, want, rtol=1e-5)
+  # Non-uniform weights vs NumPy's weighted covariance (aweights: the same normalisation).
+  wr = rng.random(24) + 0.1
+  cov = np.cov(z, rowvar=False, aweights=wr)
+  v = np.mean(np.maximum(0.0, 1.0 - np.sqrt(np.diag(cov) + 1e-4)))
+  c = (np.sum(cov**2) - np.sum(np.diag(cov) ** 2)) / 6
+  got3, m3 = vicreg.weighted_vicreg_loss(zj, jnp.asarray(wr, jnp.float32), 2.0, 0.5)
+  np.testing.assert_allclose(got3, 2.0 * v + 0.5 * c, rtol=1e-4)
+  np.testing.assert_allclose(m3['var_min'], np.diag(cov).min(), rtol=1e-4)
+  # No gradient flows into the weights.
+  g = jax.grad(lambda w: vicreg.weighted_vicreg_loss(zj, w)[0])(jnp.asarray(wr, jnp.float32))
+  assert float(jnp.abs(g).max()) == 0.0
+
+
+def test_invariance_loss():
+  rng = np.random.default_rng(5)
+  a, b = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+  np.testing.assert_allclose(vicreg.invariance_loss(jnp.asarray(a), jnp.asarray(b)),
+                             np.mean((a - b) ** 2), rtol=1e-5)
+  assert float(vicreg.invariance_loss(jnp.asarray(a), jnp.asarray(a))) == 0.0

@@ -4,9 +4,15 @@ r"""Embed held-out chips with an exported model and say whether it learned anyth
 
 Loads the bundle through the public inference API (`jaisp_jax.inference.load`), embeds
 the validation split (sky regions never seen in training) and prints, for the trained
-encoder and for the same architecture at initialisation (same seed): cross-instrument
-retrieval top-1 (Rubin r -> Euclid VIS by global embedding, next to chance), RankMe and
-the effective dimension of the embeddings. `--out` also writes them as JSON.
+encoder and for the same architecture at initialisation (same seed):
+
+* cross-instrument retrieval (Rubin r -> Euclid VIS, top-1 / top-5, next to chance) by
+  the global embedding (D numbers per chip), and by the token grid (the N x D tokens
+  flattened: spatial layout kept), the latter also next to a classical, non-learned
+  grid of the same size: asinh(S/N) of the image averaged over each token's pixels;
+* RankMe and the effective dimension of the global embeddings.
+
+`--out` also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -19,10 +25,44 @@ import sys
 from typing import Sequence
 
 
+import numpy as np
+
+from jaisp_jax import bands as bands_lib
 from jaisp_jax import cli
 from jaisp_jax import inference
 from jaisp_jax.train import online_eval
-from jaisp_jax.train import sharding
+
+
+def classical_grid_fn(registry: bands_lib.BandRegistry, token_arcsec: float):
+  """embed(image, rms, band) -> (B, n*n): asinh(S/N) averaged over each token's pixels.
+
+  The non-learned reference for token-grid retrieval: it keeps where the flux is on
+  the token grid, which is what a learned token grid must at least encode. Inputs are
+  (B, 1, H, W) in noise units (the batch contract), so asinh(image) is a stretched S/N.
+  """
+  def embed(image, rms, band):
+    del rms
+    s = registry.stride(band, token_arcsec)
+    x = np.arcsinh(np.asarray(image, np.float64)[:, 0])  # (B, H, W)
+    b, hgt, wid = x.shape
+    x = x.reshape(b, hgt // s, s, wid // s, s).mean(axis=(2, 4))  # (B, h, w)
+    return x.reshape(b, -1).astype(np.float32)
+  return embed
+
+
+def _retrieval(embed, chips, config, registry) -> dict[str, float]:
+  q = online_eval.embed_band(embed, chips, config.eval.query_band, registry)
+  g = online_eval.embed_band(embed, chips, config.eval.gallery_band, registry)
+  return {'retrieval_top1': online_eval.retrieval_top_k(q, g, 1),
+          'retrieval_top5': online_eval.retrieval_top_k(q, g, 5)}
+
+
+def _tokens(rep_fn):
+  """embed function of the flattened token grid (B, N*D) from get_representation."""
+  def embed(image, rms, band):
+    t = np.asarray(rep_fn(image, rms, band)['tokens'], np.float32)
+    return t.reshape(t.shape[0], -1)
+  return embed
 
 
 def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
@@ -40,14 +80,17 @@ def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
   trainer = loop.Trainer(config)
   chips = online_eval.collect_chips(config, registry, trainer.batch_sharding)
 
-  def trained_embed(image, rms, band):
-    return bundle.get_representation(image, rms, band)['global']
-
-  init_params = inference.init_params(config)
+  init = inference.from_params(inference.init_params(config), config, registry)
+  figures = {}
+  for key, rep in (('trained', bundle), ('init', init)):
+    figures[key] = online_eval.evaluate(lambda i, r, b: rep.get_representation(i, r, b)['global'],
+                                        chips, config, registry)
+    figures[key]['token_grid'] = _retrieval(_tokens(rep.get_representation), chips, config,
+                                            registry)
+  classical = _retrieval(classical_grid_fn(registry, config.model.token_arcsec), chips, config,
+                         registry)
   return {
-      'trained': online_eval.evaluate(trained_embed, chips, config, registry),
-      'init': online_eval.evaluate(online_eval.params_embed_fn(init_params, config.model, registry),
-                                   chips, config, registry),
+      **figures, 'classical_grid': classical,
       'query_band': config.eval.query_band, 'gallery_band': config.eval.gallery_band,
       'variant': config.model.variant, 'step': bundle.manifest.get('step'),
   }
@@ -58,17 +101,27 @@ def summary_lines(fig: dict) -> list[str]:
   n = int(t['n_chips'])
   lines = [f'held-out evaluation ({fig["variant"]}, step {fig["step"]}, {n} chips from sky '
            f'regions not used in training):',
-           f'  {"":28s} {"trained":>9s} {"at init":>9s}',
-           f'  {"retrieval top-1 " + fig["query_band"] + "->" + fig["gallery_band"]:28s} '
+           f'  {"":36s} {"trained":>9s} {"at init":>9s}',
+           f'  {"retrieval top-1 " + fig["query_band"] + "->" + fig["gallery_band"]:36s} '
            f'{t["retrieval_top1"]:9.3f} {i["retrieval_top1"]:9.3f}   (chance {t["chance_top1"]:.3f})',
-           f'  {"retrieval top-5":28s} {t["retrieval_top5"]:9.3f} {i["retrieval_top5"]:9.3f}   '
+           f'  {"retrieval top-5":36s} {t["retrieval_top5"]:9.3f} {i["retrieval_top5"]:9.3f}   '
            f'(chance {min(1.0, 5 * t["chance_top1"]):.3f})',
-           f'  {"RankMe (of D=" + str(int(t["embed_dim"])) + ")":28s} {t["rankme"]:9.1f} {i["rankme"]:9.1f}',
-           f'  {"effective dim":28s} {t["effective_dim"]:9.1f} {i["effective_dim"]:9.1f}']
+           f'  {"RankMe (of D=" + str(int(t["embed_dim"])) + ")":36s} {t["rankme"]:9.1f} {i["rankme"]:9.1f}',
+           f'  {"effective dim":36s} {t["effective_dim"]:9.1f} {i["effective_dim"]:9.1f}']
+  tg, ig, cg = t.get('token_grid'), i.get('token_grid'), fig.get('classical_grid')
+  if tg and ig and cg:
+    lines += [f'  {"token grid: retrieval top-1":36s} {tg["retrieval_top1"]:9.3f} '
+              f'{ig["retrieval_top1"]:9.3f}   (classical asinh(S/N) grid {cg["retrieval_top1"]:.3f})',
+              f'  {"token grid: retrieval top-5":36s} {tg["retrieval_top5"]:9.3f} '
+              f'{ig["retrieval_top5"]:9.3f}   (classical asinh(S/N) grid {cg["retrieval_top5"]:.3f})']
   better = t['retrieval_top1'] > max(i['retrieval_top1'], t['chance_top1'])
   lines.append('  verdict: ' + ('learned: trained retrieval beats both chance and the untrained '
                                 'encoder' if better else
                                 'NOT LEARNED: trained retrieval does not beat chance and init'))
+  if tg and cg:
+    beats = tg['retrieval_top1'] > cg['retrieval_top1']
+    lines.append(f'  token grid vs the classical grid: {"beats" if beats else "does NOT beat"} it '
+                 f'({tg["retrieval_top1"]:.3f} vs {cg["retrieval_top1"]:.3f} top-1)')
   return lines
 
 

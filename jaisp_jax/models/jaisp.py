@@ -66,6 +66,7 @@ from jaisp_jax.models import stems as stems_lib
 from jaisp_jax.models import vit
 
 VARIANTS = ('jepa', 'two_view', 'detr_jepa', 'clip', 'masked_band')
+GLOBAL_POOLS = ('mean', 'info')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -97,8 +98,17 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.trunk.mlp_ratio = 4.0      # MLP hidden = mlp_ratio * D
   c.trunk.pos_embed = 'sincos' # 'sincos' (fixed 2-D, any grid) or 'learned' (resized table)
   c.trunk.learned_pos_grid = 8 # side of the learned table ('learned' only)
-  c.trunk.cls_token = False    # prepend a CLS token; global = CLS output (else mean token)
+  c.trunk.cls_token = False    # prepend a CLS token; global = CLS output (global_pool 'mean')
   c.trunk.remat = False        # rematerialise each block (saves activation memory)
+
+  c.global_pool = 'mean'       # the global embedding (B, D) from the trunk's tokens:
+  #                              'mean': mean token (the seeds), or the CLS output if
+  #                              trunk.cls_token; 'info': information-weighted mean,
+  #                              sum_i (w_i + floor * cov_i) t_i / sum_i (w_i + floor * cov_i)
+  #                              with w the token weights of the information map and cov the
+  #                              token's unmasked fraction (sources dominate, not the ~90% sky)
+  c.global_pool_floor = 1e-3   # 'info': floor weight of an observed token, so a view without
+  #                              any source still averages its tokens (noise alone gives ~0.01)
 
   c.predictor = ml_collections.ConfigDict()
   c.predictor.kind = 'mlp'     # 'mlp' (seeds: per token D->hidden->D), 'transformer', 'none'
@@ -179,6 +189,20 @@ def _concat(trees: list):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
 
 
+def info_pool(tokens: jax.Array, weights: jax.Array, coverage: jax.Array,
+              floor: float) -> jax.Array:
+  """Information-weighted mean of tokens (B, N, D) -> (B, D) (config.global_pool 'info').
+
+  A token's weight is its information weight plus `floor` times its unmasked fraction,
+  so sources dominate, a view of pure sky falls back to the mean of its observed
+  tokens, and fully masked tokens never count. The weights are data, not parameters
+  (no gradient flows through them).
+  """
+  w = jax.lax.stop_gradient(weights + floor * coverage).astype(jnp.float32)  # (B, N)
+  den = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-6)  # (B, 1)
+  return jnp.einsum('bn,bnd->bd', w, tokens.astype(jnp.float32)) / den
+
+
 class ChipEncoder(nn.Module):
   """Multi-band encoder of one instrument (clip): all bands as input channels.
 
@@ -223,6 +247,9 @@ class JAISP(nn.Module):
     c = self.config
     if c.variant not in VARIANTS:
       raise ValueError(f'unknown model variant {c.variant!r}; expected one of {VARIANTS}')
+    if c.global_pool not in GLOBAL_POOLS:
+      raise ValueError(f'unknown model.global_pool {c.global_pool!r}; expected one of '
+                       f'{GLOBAL_POOLS}')
     dt = compute_dtype(c.dtype)
     kw = dict(dtype=dt, param_dtype=jnp.float32)
     insts = self.registry.instruments
@@ -282,6 +309,7 @@ class JAISP(nn.Module):
     n = len(views)
     stem_tokens = [None] * n
     weights = [None] * n
+    coverage = [None] * n
     for inst in dict.fromkeys(v[0] for v in views):  # instruments in first-seen order
       idx = [i for i, (vi, _) in enumerate(views) if vi == inst]
       cat = lambda k: jnp.concatenate([jnp.asarray(views[i][1][k]) for i in idx], axis=0)
@@ -289,9 +317,10 @@ class JAISP(nn.Module):
       tok = self.stems(inst, image, rms, mask, cat('band'))  # (G, h, w, D)
       _, tw = infomap.information_map(image, rms, mask, self._stride(inst),
                                       c.infomap.snr_threshold, c.infomap.softness)  # (G, N)
+      cov = infomap.token_weights(mask, self._stride(inst))  # (G, N) unmasked fraction
       sizes = [views[i][1]['band'].shape[0] for i in idx]
-      for i, t, w in zip(idx, _split(tok, sizes), _split(tw, sizes)):
-        stem_tokens[i], weights[i] = t, w
+      for i, t, w, v in zip(idx, _split(tok, sizes), _split(tw, sizes), _split(cov, sizes)):
+        stem_tokens[i], weights[i], coverage[i] = t, w, v
     groups: dict[tuple, list[int]] = {}
     for i, (inst, _) in enumerate(views):
       key = (inst if c.variant == 'two_view' else '', stem_tokens[i].shape[1:3])
@@ -302,6 +331,8 @@ class JAISP(nn.Module):
       if c.variant == 'detr_jepa':
         enc['objects'] = self.detr(enc['tokens'])
       for i, e in zip(idx, _split(enc, [stem_tokens[i].shape[0] for i in idx])):
+        if c.global_pool == 'info':
+          e['global'] = info_pool(e['tokens'], weights[i], coverage[i], c.global_pool_floor)
         out[i] = {**e, 'token_weights': weights[i]}
     return out
 

@@ -9,6 +9,9 @@ Per variant (weights are ``config.loss`` fields, `default_loss_config`)::
 
   jepa       jepa * JEPA(pred_a, pred_b | sg target tokens, info weights)      [jepa.py]
              + VICReg(online global of a) / 2 + VICReg(online global of b) / 2 [vicreg.py]
+               (loss.vicreg_on 'global', the seeds) or VICReg(all online tokens,
+               information-weighted) (loss.vicreg_on 'tokens')
+             + inv * MSE(online global of a, online global of b)  (VICReg invariance)
              + shift * Shift(shift_pred, true shift)     if model.shift.enabled [shift.py]
              + recon * Recon(...)                        if model.recon.enabled (hybrid)
   two_view   as jepa; without a predictor the online tokens are the predictions,
@@ -57,6 +60,11 @@ def default_loss_config() -> ml_collections.ConfigDict:
   c.cov = 0.04               # VICReg covariance weight (seed 0.04)
   c.var_gamma = 1.0          # target std of the variance hinge
   c.var_eps = 1e-4           # eps inside sqrt(var + eps)
+  c.vicreg_on = 'global'     # what VICReg var/cov regularise (jepa, two_view): 'global' = the
+  #                            P online global embeddings of each side (the seeds); 'tokens' =
+  #                            all 2PN online tokens, weighted by information (public JAISP code)
+  c.inv = 0.0                # VICReg invariance: weight of the MSE between the online global
+  #                            embeddings of the two views of each pair (0: the seeds)
   c.shift = 1.0              # sub-pixel shift regression weight (when model.shift.enabled)
   c.shift_scale_mas = 100.0  # mas per Huber unit
   c.recon = 1.0              # masked-band reconstruction weight (masked_band; hybrid jepa)
@@ -73,6 +81,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
   c.intra_view_negatives = False  # SimCLR (True) or CLIP-style (False) negatives
   c.two_view_ema = True      # two_view: EMA target (True) or the other online view (False)
   return c
+
+
+VICREG_ON = ('global', 'tokens')
 
 
 def _token_coverage(view: dict, n_tokens: int) -> jax.Array:
@@ -113,9 +124,21 @@ def _token_terms(outputs: dict, targets: Optional[dict], batch: dict, cfg,
       pred_a, pred_b, tgt_a, tgt_b, a['token_weights'], b['token_weights'],
       weight_mode=cfg.weight_mode, valid_a=_pair_coverage(pairs, 'a', n),
       valid_b=_pair_coverage(pairs, 'b', n))
-  loss_v, m_v = _vicreg_pair(a['global'], b['global'], cfg)
-  metrics = {**m_j, **m_v, 'loss_jepa': loss_j, 'loss_vicreg': loss_v}
-  return cfg.jepa * loss_j + loss_v, metrics
+  if cfg.vicreg_on == 'global':
+    loss_v, m_v = _vicreg_pair(a['global'], b['global'], cfg)
+  elif cfg.vicreg_on == 'tokens':
+    d = a['tokens'].shape[-1]
+    z = jnp.concatenate([a['tokens'].reshape(-1, d), b['tokens'].reshape(-1, d)])  # (2PN, D)
+    w = jnp.concatenate([a['token_weights'].reshape(-1), b['token_weights'].reshape(-1)])
+    loss_v, m_v = vicreg.weighted_vicreg_loss(z, w, cfg.var, cfg.cov, cfg.var_gamma,
+                                              cfg.var_eps)
+  else:
+    raise ValueError(f'loss.vicreg_on must be one of {VICREG_ON}, got {cfg.vicreg_on!r}')
+  loss_i = vicreg.invariance_loss(a['global'], b['global'])
+  metrics = {**m_j, **m_v, 'loss_jepa': loss_j, 'loss_vicreg': loss_v, 'loss_inv': loss_i,
+             'global_similarity': jnp.mean(jepa.cosine_similarity(
+                 jax.lax.stop_gradient(a['global']), jax.lax.stop_gradient(b['global'])))}
+  return cfg.jepa * loss_j + loss_v + cfg.inv * loss_i, metrics
 
 
 def _shift_term(outputs: dict, shift_true: jax.Array, cfg) -> tuple[jax.Array, dict]:

@@ -70,6 +70,42 @@ def vicreg_loss(z: jax.Array, var_weight: float = 1.0, cov_weight: float = 0.04,
   return loss, metrics
 
 
+def weighted_vicreg_loss(z: jax.Array, weights: jax.Array, var_weight: float = 1.0,
+                         cov_weight: float = 0.04, gamma: float = 1.0, eps: float = 1e-4
+                         ) -> tuple[jax.Array, dict]:
+  """`vicreg_loss` of weighted samples: (M, D) embeddings with (M,) weights >= 0.
+
+  Mean and covariance are weighted, with the unbiased (reliability-weights)
+  normalisation ``sum w - sum w^2 / sum w`` (= M - 1 for unit weights, where the
+  result equals `vicreg_loss`). For VICReg over information-weighted tokens: sky
+  tokens (w ~ 0) neither count as variance nor need any. Weights carry no gradient.
+  """
+  z = z.astype(jnp.float32)
+  w = jax.lax.stop_gradient(weights).astype(jnp.float32)  # (M,)
+  sw = jnp.maximum(jnp.sum(w), 1e-12)
+  mean = jnp.einsum('m,md->d', w, z) / sw  # (D,)
+  zc = z - mean[None, :]
+  norm = jnp.maximum(sw - jnp.sum(jnp.square(w)) / sw, 1e-6)
+  cov = jnp.einsum('m,mi,mj->ij', w, zc, zc, precision=jax.lax.Precision.HIGHEST) / norm
+  var = jnp.diag(cov)
+  d = z.shape[-1]
+  v = jnp.mean(jax.nn.relu(gamma - jnp.sqrt(var + eps)))
+  c = jnp.sum(jnp.square(cov - jnp.diag(var))) / d
+  sg_cov = jax.lax.stop_gradient(cov)
+  metrics = dict(var_loss=v, cov_loss=c, var_min=jnp.min(jnp.diag(sg_cov)),
+                 effective_dim=_participation_ratio(sg_cov))
+  return var_weight * v + cov_weight * c, metrics
+
+
+def invariance_loss(za: jax.Array, zb: jax.Array) -> jax.Array:
+  """VICReg invariance term: mean squared difference of paired (B, D) embeddings.
+
+  ``mean_{b,j} (za_bj - zb_bj)^2`` (the paper's code, ``F.mse_loss``); with its
+  weight 1 next to var 1 / cov 0.04 it has the paper's 25 : 25 : 1 proportions.
+  """
+  return jnp.mean(jnp.square(za.astype(jnp.float32) - zb.astype(jnp.float32)))
+
+
 def _participation_ratio(cov: jax.Array) -> jax.Array:
   tr = jnp.trace(cov)
   fro2 = jnp.sum(jnp.square(cov))

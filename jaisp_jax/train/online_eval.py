@@ -90,12 +90,17 @@ def embed_band(embed: EmbedFn, chips: dict, band: str, registry: bands_lib.BandR
 
 
 def retrieval_top_k(query: np.ndarray, gallery: np.ndarray, k: int = 1) -> float:
-  """Fraction of queries whose own row is among the k most cosine-similar gallery rows."""
+  """Fraction of queries whose own row is among the k most cosine-similar gallery rows.
+
+  Ties count against the query: a gallery row as similar as the query's own row
+  outranks it. (Counting them in its favour let a collapsed encoder, whose
+  embeddings are all equal, score a perfect 1.0.)
+  """
   q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
   g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
   sim = q @ g.T                                          # (N, N)
   own = np.diag(sim)[:, None]
-  rank = (sim > own).sum(axis=1)                          # ties count in the query's favour
+  rank = (sim >= own).sum(axis=1) - 1                     # others at least as similar
   return float(np.mean(rank < k))
 
 
