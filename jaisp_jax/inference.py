@@ -66,6 +66,26 @@ def init_params(config: ml_collections.ConfigDict, seed: int | None = None) -> A
   return jax.device_get(jax.jit(trainer.init_state)(jax.random.key(seed)).ema_params)
 
 
+def _merge(into: dict, saved: dict) -> dict:
+  for k, v in saved.items():
+    if isinstance(v, dict) and isinstance(into.get(k), dict):
+      _merge(into[k], v)
+    else:
+      into[k] = v
+  return into
+
+
+def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A bundle's config over today's defaults.
+
+  Fields added to the package after the bundle was written take their defaults, which
+  reproduce the behaviour of the version that wrote it (new options default to the
+  old behaviour, e.g. model.global_pool 'mean'), so old bundles keep loading.
+  """
+  from jaisp_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(_merge(config_lib.base_config().to_dict(), saved))
+
+
 def load(export_dir: str) -> Representation:
   """Loads a bundle written by `--mode=export` (see jaisp_jax.train.export)."""
   export_dir = os.path.abspath(export_dir)
@@ -74,7 +94,7 @@ def load(export_dir: str) -> Representation:
     raise UserError(f'{export_dir}: not an exported jaisp-jax bundle (missing '
                     f'{", ".join(missing)})')
   with open(os.path.join(export_dir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = _with_defaults(json.load(f))
   with open(os.path.join(export_dir, 'bands.json')) as f:
     registry = bands_lib.BandRegistry.from_dicts(json.load(f))
   with open(os.path.join(export_dir, 'manifest.json')) as f:
