@@ -22,6 +22,11 @@ forever. If the chip drawn for a slot cannot supply its combination (its valid b
 do not allow it), the slot takes the next chip of the stream (k + 1, k + 2, ...),
 so the choice is still a function of (seed, p, k).
 
+Chip cache. A record holds every band of a chip but a pair uses two, and decoding
+costs more than cropping, so each process keeps up to ``cache_mb`` of decoded chips
+(with their band-valid vectors) and decodes a chip again only after eviction
+(`RecordCache`, least recently used). The cache never changes a value.
+
 Batches: ``batch['pairs'][combo]`` as in batch.py, plus ``batch['chips']`` when
 ``chips_per_batch > 0`` (the chips of the first slots, with the pair's geometry).
 Workers (`num_workers` > 0) build whole batches in separate processes
@@ -34,8 +39,10 @@ the uninterrupted one would have.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import threading
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -76,6 +83,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.worker_buffer = 2             # batches buffered per worker
   c.read_threads = 1              # threads building batches when num_workers == 0
   c.prefetch = 2                  # batches prefetched by the reading threads
+  c.cache_mb = 1024               # decoded chips kept per process (each worker: its own); 0 = off
   c.simulate = ml_collections.ConfigDict(dict(  # used only when data_dir == ''
       n_tiles=6,                  # simulated tile pairs (about 1 s each on one core)
       size=96,                    # tile side in Rubin pixels (Euclid: twice)
@@ -190,6 +198,69 @@ def make_sampler(config: ml_collections.ConfigDict,
                              config.hard_top_fraction)
 
 
+def _nbytes(tree: Any) -> int:
+  if isinstance(tree, Mapping):
+    return sum(_nbytes(v) for v in tree.values())
+  return int(getattr(tree, 'nbytes', 0))
+
+
+class RecordCache:
+  """Bounded cache of decoded chips (and their band-valid vectors), one per process.
+
+  Decoding a record costs more than making a pair from it, and a record holds every
+  band while a pair uses two, so each chip is read and decoded once and then reused
+  by the pairs of later epochs (all of them when the split fits in `max_bytes`).
+  Eviction is least-recently-used; it decides only what is decoded again, never a
+  value, so the pipeline's output is the same with any cache size (and with grain
+  workers, each of which holds its own cache). Shared by the reading threads.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = int(max_bytes)
+    self._entries: collections.OrderedDict[int, tuple[Any, np.ndarray, int]] = (
+        collections.OrderedDict())
+    self._bytes = 0
+    self._lock = threading.Lock()
+    self.hits = self.misses = 0
+
+  def get(self, index: int, load) -> tuple[Any, np.ndarray]:
+    """(chip, valid) of record `index`; `load(index)` computes them on a miss."""
+    if self.max_bytes <= 0:
+      return load(index)
+    with self._lock:
+      entry = self._entries.get(index)
+      if entry is not None:
+        self._entries.move_to_end(index)
+        self.hits += 1
+        return entry[0], entry[1]
+      self.misses += 1
+    chip, valid = load(index)  # outside the lock: other threads keep reading
+    size = _nbytes(chip)
+    if size <= self.max_bytes:
+      with self._lock:
+        if index not in self._entries:
+          self._entries[index] = (chip, valid, size)
+          self._bytes += size
+          while self._bytes > self.max_bytes:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self._bytes -= old
+    return chip, valid
+
+  @property
+  def nbytes(self) -> int:
+    return self._bytes
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  # A worker process gets an empty cache (and a new lock) when the element is pickled.
+  def __getstate__(self):
+    return {'max_bytes': self.max_bytes}
+
+  def __setstate__(self, state):
+    self.__init__(state['max_bytes'])
+
+
 class PairElement:
   """k -> one batch element: the pair for slot k % L (and its chip for chip slots)."""
 
@@ -210,6 +281,15 @@ class PairElement:
     self.crop_arcsec = float(config.crop_arcsec)
     self.flip, self.rot90 = bool(config.flip), bool(config.rot90)
     self.noise_prob, self.noise_max_alpha = float(config.noise_prob), float(config.noise_max_alpha)
+    self.cache = RecordCache(int(config.cache_mb) * 2 ** 20)
+
+  def _load(self, index: int) -> tuple[Any, np.ndarray]:
+    chip = self.source[index]['instruments']
+    return chip, augment.chip_band_valid(chip, self.registry, None)
+
+  def chip(self, index: int) -> tuple[Any, np.ndarray]:
+    """(chip, registry band-valid vector) of record `index`, through the cache."""
+    return self.cache.get(index, self._load)
 
   def record_index(self, k: int) -> int:
     """Chip read by stream position k (see the module docstring)."""
@@ -236,9 +316,7 @@ class PairElement:
     combo = self.layout.slot_combo[slot]
     rng = np.random.default_rng([self.seed, self.shard_index, k])
     for attempt in range(self.n_local):
-      record = self.source[self.record_index(k + attempt)]
-      chip = record['instruments']
-      valid = augment.chip_band_valid(chip, self.registry, None)
+      chip, valid = self.chip(self.record_index(k + attempt))
       draw = self.sampler.sample(rng, combo, valid)
       if draw is not None:
         break

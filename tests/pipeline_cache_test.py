@@ -1,0 +1,120 @@
+"""The per-process chip cache of the pipeline: same batches with it on, off or evicting."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaisp_jax import bands
+from jaisp_jax.data import pipeline
+from jaisp_jax.data import tfds_builder
+
+REG = bands.default_registry()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('cache')
+  rng = np.random.default_rng(3)
+  dirs = {}
+  for inst, f in (('rubin', 1), ('euclid', 2)):
+    d = root / 'tiles' / inst
+    d.mkdir(parents=True)
+    dirs[inst] = str(d)
+    for t in range(3):
+      nb, side = REG.n_bands(inst), 96 * f
+      rms = np.broadcast_to(rng.uniform(0.5, 4, (nb, 1, 1)), (nb, side, side))
+      image = rms * rng.standard_normal(rms.shape)
+      image[0, :3] = np.nan  # masked pixels travel through the cache too
+      np.savez(f'{d}/tile_{t}.npz', image=image.astype(np.float32),
+               rms=rms.astype(np.float32))
+  tfds_builder.build_dataset(dirs, root / 'd', 'cache', REG,
+                             tfds_builder.ChipOptions(chip_px=48, val_fraction=0.34),
+                             progress=False)
+  return str(root / 'd')
+
+
+def _config(data_dir, **kw):
+  c = pipeline.default_data_config()
+  c.data_dir, c.name = data_dir, 'cache'
+  c.crop_arcsec = 3.2  # Rubin 16 px of a 48 px chip: crops differ
+  c.pairs_per_batch = 8
+  c.min_pairs_per_combo = 2
+  c.chips_per_batch = 2
+  c.noise_prob, c.noise_max_alpha = 0.5, 0.5
+  c.update(kw)
+  return c
+
+
+class _Counting:
+  """A source that counts its reads."""
+
+  def __init__(self, source):
+    self.source, self.reads = source, 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.source[i]
+
+
+def _batches(config, n, source=None):
+  it = iter(pipeline.make_dataset(config, REG, data_parallel=2, source=source))
+  out = [next(it) for _ in range(n)]
+  it.close()
+  return out
+
+
+def test_batches_are_identical_with_the_cache_on_off_or_evicting(data_dir):
+  base = pipeline.open_source(_config(data_dir), 'train', REG)
+  chip_mb = pipeline._nbytes(base[0]['instruments']) / 2 ** 20
+  n_chips = len(base)
+  assert n_chips >= 6 and 0.25 < chip_mb < 0.5  # a 1 MB cache holds 2 or 3 chips
+  batches = {}
+  reads = {}
+  for mb in (0, 1, 1024):
+    src = _Counting(base)
+    batches[mb] = _batches(_config(data_dir, cache_mb=mb), 6, source=src)  # ~4 epochs
+    reads[mb] = src.reads
+  for mb in (1, 1024):
+    for x, y in zip(jax.tree.leaves(batches[0]), jax.tree.leaves(batches[mb])):
+      np.testing.assert_array_equal(x, y)
+  assert reads[1024] == n_chips          # every chip decoded once
+  assert reads[0] >= 6 * 8               # every element read its chip
+  assert n_chips < reads[1] < reads[0]   # a small cache hits sometimes, evicts sometimes
+
+
+def test_cache_is_bounded_least_recently_used_and_never_altered(data_dir):
+  base = pipeline.open_source(_config(data_dir), 'train', REG)
+  size = pipeline._nbytes(base[0]['instruments'])
+  c = _config(data_dir)
+  layout = pipeline.make_layout(c, pipeline.make_sampler(c, REG), 2, 1)
+  element = pipeline.PairElement(base, REG, c, layout, 0, 1)
+  element.cache = pipeline.RecordCache(2 * size)
+  for i in (0, 1, 0, 2):  # 0 was used after 1, so 1 is the one evicted for 2
+    element.chip(i)
+  assert len(element.cache) == 2 and element.cache.nbytes == 2 * size
+  assert (element.cache.hits, element.cache.misses) == (1, 3)
+  element.chip(0)
+  assert element.cache.hits == 2
+  element.chip(1)
+  assert element.cache.misses == 4
+  # Many elements later, a cached chip still holds the values read from disk.
+  element.cache = pipeline.RecordCache(2 ** 30)
+  cached, _ = element.chip(0)
+  for k in range(40):
+    element(k)
+  fresh = base[0]['instruments']
+  for x, y in zip(jax.tree.leaves(cached), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(x, y)
+  valid = element.chip(0)[1]
+  assert valid.shape == (len(REG),) and valid.all()
+
+
+def test_a_worker_gets_an_empty_cache():
+  import pickle
+  cache = pipeline.RecordCache(2 ** 20)
+  cache.get(0, lambda i: ({'x': np.zeros(4)}, np.ones(1, bool)))
+  copy = pickle.loads(pickle.dumps(cache))
+  assert len(cache) == 1 and len(copy) == 0 and copy.max_bytes == 2 ** 20
