@@ -7,9 +7,13 @@ folder. It then times the training pipeline of the config's `data` section (crop
 pairs per batch, pairing mix) for each worker count, after `--warmup` batches (worker
 start-up excluded), reading from disk through `tfds.data_source`.
 
-Figures per worker count: samples/s (pairs), batches/s, MB/s of array_record bytes
-(one record per pair), peak resident memory (VmHWM) of the main process and of the
-largest worker. With `--step-json` (a `step --out` file of the same config) it also
+Figures per worker count: samples/s (pairs), batches/s, CPU time per sample (main
+process and workers, all threads: the cost whatever the load), MB/s and MB per sample
+read through system calls (page cache included; the chip cache, `data.cache_mb`,
+brings it to 0 once every chip is cached), peak resident memory (VmHWM) of the main
+process and of the largest worker. Give `--warmup` enough batches for every process
+to see the split once if you want the cached steady state (each worker holds its
+own cache). With `--step-json` (a `step --out` file of the same config) it also
 prints the step's consumption rate and their ratio: the pipeline keeps up when the
 ratio is >= 1 (on a machine where the step and the workers do not share cores).
 """
@@ -52,6 +56,26 @@ def _vm_hwm_mb(pid: int) -> float:
   return float('nan')
 
 
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process (all its threads) so far."""
+  try:
+    fields = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+  except OSError:
+    return 0.0
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def _read_bytes(pid: int) -> int:
+  """Bytes a process has read through system calls so far (rchar; page cache included)."""
+  try:
+    for line in pathlib.Path(f'/proc/{pid}/io').read_text().splitlines():
+      if line.startswith('rchar:'):
+        return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
 def build_noise_dataset(root: pathlib.Path, registry: bands_lib.BandRegistry, n_tiles: int,
                         size: int) -> tuple[str, str]:
   """Tiles of pure noise (Rubin `size` px, other instruments at their scale) -> TFDS."""
@@ -81,15 +105,25 @@ def time_pipeline(config, registry, workers: int, batches: int, warmup: int) -> 
   it = iter(pipeline.make_dataset(config, registry, data_parallel=1))
   for _ in range(warmup):
     next(it)
+  pids = [os.getpid()] + _children(os.getpid())
+  cpu = sum(_cpu_seconds(p) for p in pids)
+  read = sum(_read_bytes(p) for p in pids)
   start = time.perf_counter()
   for _ in range(batches):
     next(it)
   seconds = time.perf_counter() - start
-  worker_mb = max([_vm_hwm_mb(p) for p in _children(os.getpid())] or [float('nan')])
+  # CPU seconds of this process and the workers: the cost of a sample whatever else
+  # runs on the machine (wall-clock rates depend on the load).
+  cpu = sum(_cpu_seconds(p) for p in pids) - cpu
+  read = sum(_read_bytes(p) for p in pids) - read
+  worker_mb = max([_vm_hwm_mb(p) for p in pids[1:]] or [float('nan')])
   main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   it.close()
-  return dict(workers=workers, samples_per_s=batches * config.pairs_per_batch / seconds,
-              batches_per_s=batches / seconds, peak_main_rss_mb=main_mb,
+  samples = batches * config.pairs_per_batch
+  return dict(workers=workers, samples_per_s=samples / seconds,
+              batches_per_s=batches / seconds, cpu_ms_per_sample=1e3 * cpu / samples,
+              samples_per_cpu_s=samples / max(cpu, 1e-9), read_mb_per_s=read / 1e6 / seconds,
+              read_mb_per_sample=read / 1e6 / samples, peak_main_rss_mb=main_mb,
               peak_worker_rss_mb=worker_mb)
 
 
@@ -125,10 +159,10 @@ def main(args, overrides) -> dict[str, Any]:
   out: dict[str, Any] = {'config': args.config, 'record_mb': record_bytes / 1e6, 'runs': []}
   for workers in args.workers:
     r = time_pipeline(data, registry, workers, args.batches, args.warmup)
-    r['read_mb_per_s'] = r['samples_per_s'] * record_bytes / 1e6
     out['runs'].append(r)
     print(f'workers={workers} samples_per_s={r["samples_per_s"]:.1f} '
-          f'batches_per_s={r["batches_per_s"]:.2f} read_mb_per_s={r["read_mb_per_s"]:.1f} '
+          f'batches_per_s={r["batches_per_s"]:.2f} cpu_ms_per_sample={r["cpu_ms_per_sample"]:.3f} '
+          f'samples_per_cpu_s={r["samples_per_cpu_s"]:.0f} read_mb_per_s={r["read_mb_per_s"]:.1f} '
           f'peak_main_rss_mb={r["peak_main_rss_mb"]:.0f} '
           f'peak_worker_rss_mb={r["peak_worker_rss_mb"]:.0f}', flush=True)
   if tmp is not None:
