@@ -1,4 +1,4 @@
-"""The per-process chip cache of the pipeline: same batches with it on, off or evicting."""
+"""The pipeline's chip cache and chip decoder: the same batches with them or without."""
 
 import jax
 import numpy as np
@@ -77,8 +77,10 @@ def test_batches_are_identical_with_the_cache_on_off_or_evicting(data_dir):
     src = _Counting(base)
     batches[mb] = _batches(_config(data_dir, cache_mb=mb), 6, source=src)  # ~4 epochs
     reads[mb] = src.reads
-  for mb in (1, 1024):
-    for x, y in zip(jax.tree.leaves(batches[0]), jax.tree.leaves(batches[mb])):
+  # The TFDS source itself: chips decoded by `ChipDecoder` instead of TFDS.
+  batches['fast'] = _batches(_config(data_dir), 6)
+  for other in (1, 1024, 'fast'):
+    for x, y in zip(jax.tree.leaves(batches[0]), jax.tree.leaves(batches[other])):
       np.testing.assert_array_equal(x, y)
   assert reads[1024] == n_chips          # every chip decoded once
   assert reads[0] >= 6 * 8               # every element read its chip
@@ -118,3 +120,24 @@ def test_a_worker_gets_an_empty_cache():
   cache.get(0, lambda i: ({'x': np.zeros(4)}, np.ones(1, bool)))
   copy = pickle.loads(pickle.dumps(cache))
   assert len(cache) == 1 and len(copy) == 0 and copy.max_bytes == 2 ** 20
+
+
+def test_chip_decoder_returns_what_tfds_decodes(data_dir):
+  source = pipeline.open_source(_config(data_dir), 'train', REG)
+  decoder = pipeline.ChipDecoder.for_source(source)
+  assert decoder is not None  # a dataset of `build` takes the fast path
+  for i in (0, len(source) - 1):
+    fast, slow = decoder(source.data_source[i]), source[i]['instruments']
+    assert list(fast) == list(slow)  # same instruments in the same order
+    for inst in slow:
+      assert list(fast[inst]) == list(slow[inst])
+      for key, want in slow[inst].items():
+        got = fast[inst][key]
+        assert type(got) is type(want), (inst, key)
+        if isinstance(want, np.ndarray):
+          assert (got.dtype, got.shape) == (want.dtype, want.shape), (inst, key)
+          assert not got.flags.writeable or want.flags.writeable, (inst, key)
+        np.testing.assert_array_equal(got, want)
+  # Sources that are not TFDS array_record data sources are decoded by themselves.
+  assert pipeline.ChipDecoder.for_source(_Counting(source)) is None
+  assert pipeline.ChipDecoder.for_source([source[0]]) is None
