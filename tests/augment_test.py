@@ -159,3 +159,55 @@ def test_misaligned_chips_and_oversized_crops_are_rejected():
   chip['euclid'] = {k: v[:, :-2, :-2] for k, v in chip['euclid'].items()}
   with pytest.raises(ValueError, match='px at 0.1'):
     augment.sample_geometry(rng, chip, REG, CROP_ARCSEC)
+
+
+def _reference_view(chip, band_id, geom, noise_rng=None, alpha=0.0):
+  """make_view written the plain way: copy the crop, np.rot90, np.where."""
+  band = REG.bands[band_id]
+  part = chip[band.instrument]
+  f = int(round(geom.ref_scale / band.pixel_scale))
+  y0, x0, n = geom.y0 * f, geom.x0 * f, geom.size * f
+  out = {}
+  for key in ('image', 'rms'):
+    a = part[key][band.index, y0:y0 + n, x0:x0 + n].copy()
+    if geom.flip:
+      a = np.flip(a, axis=-1)
+    out[key] = np.ascontiguousarray(np.rot90(a, geom.k))
+  scale = augment.band_scales(part['image'][band.index:band.index + 1],
+                              part['rms'][band.index:band.index + 1])[0]
+  ok = augment.valid_pixels(out['image'], out['rms'])
+  with np.errstate(invalid='ignore'):
+    image = np.where(ok, out['image'] / scale, 0.0).astype(np.float32)
+    rms = np.where(ok, out['rms'] / scale, 0.0).astype(np.float32)
+  if alpha > 0:
+    noise = noise_rng.standard_normal(image.shape).astype(np.float32)
+    image = image + np.where(ok, noise * rms * np.float32(alpha), 0).astype(np.float32)
+    rms = rms * np.float32(np.sqrt(1.0 + alpha ** 2))
+  return dict(image=image, rms=rms, mask=ok.astype(np.float32))
+
+
+def test_views_equal_the_plain_crop_rotate_normalise_bit_for_bit():
+  rng = np.random.default_rng(6)
+  chip = _noise_chip(rng, with_defects=True)
+  frozen = {i: {k: v.copy() for k, v in p.items()} for i, p in chip.items()}
+  for part in chip.values():  # views of a read-only (cached) chip work, never write
+    for v in part.values():
+      v.flags.writeable = False
+  for flip in (False, True):
+    for k in range(4):
+      geom = augment.Geometry(y0=3, x0=5, size=24, ref_scale=0.2, flip=flip, k=k)
+      for band_id in (0, 3, 6, 9):
+        alpha = 0.7 if k % 2 else 0.0
+        got = augment.make_view(chip, REG, band_id, geom, np.random.default_rng(k), alpha)
+        want = _reference_view(chip, band_id, geom, np.random.default_rng(k), alpha)
+        for key in ('image', 'rms', 'mask'):
+          assert got[key].flags.c_contiguous and got[key].dtype == np.float32
+          assert got[key].tobytes() == want[key].tobytes(), (flip, k, band_id, key)
+        np.testing.assert_array_equal(geom.apply(chip['rubin']['image'], 0.2),
+                                      np.rot90(np.flip(chip['rubin']['image'][:, 3:27, 5:29],
+                                                       -1) if flip else
+                                               chip['rubin']['image'][:, 3:27, 5:29],
+                                               k, axes=(-2, -1)))
+  for inst, part in chip.items():
+    for key, v in part.items():
+      np.testing.assert_array_equal(v, frozen[inst][key])

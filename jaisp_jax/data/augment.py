@@ -106,15 +106,27 @@ class Geometry:
                        f'{self.ref_scale}"/px: views cannot be sky-aligned')
     return f
 
-  def apply(self, arr: np.ndarray, scale: float) -> np.ndarray:
-    """Crops, flips and rotates the last two axes of `arr` on a grid of `scale`."""
+  def view(self, arr: np.ndarray, scale: float) -> np.ndarray:
+    """Crop, flip and rot90 of the last two axes of `arr` as a view (no copy)."""
     f = self.factor(scale)
     y0, x0, n = self.y0 * f, self.x0 * f, self.size * f
     out = arr[..., y0:y0 + n, x0:x0 + n]
     if self.flip:
       out = out[..., ::-1]
-    out = np.rot90(out, self.k, axes=(-2, -1))
-    return np.ascontiguousarray(out)
+    # np.rot90(out, k, axes=(-2, -1)) with slicing alone (np.rot90's axis checks cost
+    # more than the view itself on a 64 x 64 crop).
+    k = self.k % 4
+    if k == 1:
+      out = out[..., ::-1].swapaxes(-2, -1)
+    elif k == 2:
+      out = out[..., ::-1, ::-1]
+    elif k == 3:
+      out = out.swapaxes(-2, -1)[..., ::-1]
+    return out
+
+  def apply(self, arr: np.ndarray, scale: float) -> np.ndarray:
+    """Crops, flips and rotates the last two axes of `arr` on a grid of `scale`."""
+    return np.ascontiguousarray(self.view(arr, scale))
 
 
 def chip_geometry(chip: Mapping, registry: bands_lib.BandRegistry) -> tuple[int, int, float]:
@@ -167,13 +179,19 @@ def make_view(chip: Mapping, registry: bands_lib.BandRegistry, band_id: int,
   """
   band = registry.bands[band_id]
   part = chip[band.instrument]
-  scale = _scale_of(part, band.index)
-  image = geom.apply(part['image'][band.index], band.pixel_scale)  # (h, w)
-  rms = geom.apply(part['rms'][band.index], band.pixel_scale)      # (h, w)
-  ok = valid_pixels(image, rms)
+  scale = np.float32(_scale_of(part, band.index))
+  # Work on views of the crop and write each output once, contiguous, in the view's
+  # orientation: the chip may be a cached read-only record, never written.
+  src_image = geom.view(part['image'][band.index], band.pixel_scale)  # (h, w) view
+  src_rms = geom.view(part['rms'][band.index], band.pixel_scale)      # (h, w) view
+  shape = src_image.shape
+  ok = np.isfinite(src_image, out=np.empty(shape, bool))  # = valid_pixels, C order
   with np.errstate(invalid='ignore', over='ignore'):
-    image = np.where(ok, image / scale, 0.0).astype(np.float32)
-    rms = np.where(ok, rms / scale, 0.0).astype(np.float32)
+    ok &= np.isfinite(src_rms)
+    ok &= src_rms > 0
+    # float32 / float32 where valid, exactly as image / scale; 0 elsewhere.
+    image = np.divide(src_image, scale, out=np.zeros(shape, np.float32), where=ok)
+    rms = np.divide(src_rms, scale, out=np.zeros(shape, np.float32), where=ok)
   if noise_alpha > 0:
     noise = rng.standard_normal(image.shape).astype(np.float32)
     image = image + np.where(ok, noise * rms * np.float32(noise_alpha), 0).astype(np.float32)
