@@ -148,3 +148,28 @@ def test_bad_configuration_is_rejected():
     pairing.PairSampler(single)
   with pytest.raises(ValueError, match='multiple'):
     pairing.PairSampler(reg).quotas(30, multiple=8)
+
+
+def test_draws_equal_the_direct_restricted_mixture_draw():
+  """The cached per-(combo, valid bands) tables give the draws of the plain formula."""
+  reg = bands.default_registry()
+  sampler = pairing.PairSampler(reg)
+  masks = [None] + [np.random.default_rng(s).random(len(reg)) < 0.7 for s in range(4)]
+  rng, ref_rng = np.random.default_rng(9), np.random.default_rng(9)
+  for t in range(300):
+    valid = masks[t % len(masks)]
+    combo = sampler.combo_names[t % len(sampler.combo_names)]
+    got = sampler.sample(rng, combo, valid)
+    # The plain draw: restrict P(pair) to the combo's valid pairs, renormalise.
+    idx = np.flatnonzero(sampler.pair_combo == sampler.combo_names.index(combo))
+    w = sampler.pair_probs[idx] * (1.0 if valid is None else
+                                   valid[sampler.pair_a[idx]] & valid[sampler.pair_b[idx]])
+    if w.sum() <= 0:
+      assert got is None
+      continue
+    j = idx[ref_rng.choice(len(idx), p=w / w.sum())]
+    kind = int(ref_rng.choice(len(batch_lib.PAIR_KINDS), p=sampler.kind_given_pair[:, j]))
+    a, b = int(sampler.pair_a[j]), int(sampler.pair_b[j])
+    if reg.bands[a].instrument == reg.bands[b].instrument and ref_rng.random() < 0.5:
+      a, b = b, a
+    assert got == pairing.PairDraw(a, b, kind)

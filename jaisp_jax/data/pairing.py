@@ -123,6 +123,15 @@ class PairSampler:
     self.pair_probs = p @ cond                           # (P,)   P(pair)
     joint = p[:, None] * cond                            # (K, P) P(s, pair)
     self.kind_given_pair = joint / np.maximum(self.pair_probs, 1e-300)  # (K, P)
+    # Per-draw lookups, precomputed: a pair's strategy distribution as a contiguous
+    # (K,) row, whether its two bands share an instrument, and (filled lazily) the
+    # renormalised within-combo distribution per (combo, valid bands); a chip's valid
+    # bands take few distinct values, so that table stays small.
+    self._kind_rows = [np.ascontiguousarray(self.kind_given_pair[:, j])
+                       for j in range(len(self.pair_a))]
+    self._same_instrument = [bands[a].instrument == bands[b].instrument
+                             for a, b in zip(self.pair_a, self.pair_b)]
+    self._draw_tables: dict[tuple[str, bytes | None], tuple[np.ndarray, np.ndarray] | None] = {}
 
   # -- distributions ----------------------------------------------------------
   @property
@@ -207,22 +216,36 @@ class PairSampler:
       combo: group name (`batch.combo_key`).
       band_valid: (n_bands,) bool over the registry; None = all valid.
     """
+    if band_valid is not None:
+      band_valid = np.asarray(band_valid, bool)
+    key = (combo, None if band_valid is None else band_valid.tobytes())
+    try:
+      table = self._draw_tables[key]
+    except KeyError:
+      table = self._draw_tables[key] = self._draw_table(combo, band_valid)
+    if table is None:
+      return None
+    idx, p = table
+    j = idx[rng.choice(len(idx), p=p)]
+    kind = int(rng.choice(len(batch_lib.PAIR_KINDS), p=self._kind_rows[j]))
+    a, b = int(self.pair_a[j]), int(self.pair_b[j])
+    if self._same_instrument[j]:
+      if rng.random() < 0.5:  # which band the online branch sees is a fair coin
+        a, b = b, a
+    return PairDraw(a, b, kind)
+
+  def _draw_table(self, combo: str, band_valid: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pair indices of `combo`, their probabilities among valid pairs) or None."""
     c = self.combo_names.index(combo)
     idx = np.flatnonzero(self.pair_combo == c)
     w = self.pair_probs[idx]
     if band_valid is not None:
-      band_valid = np.asarray(band_valid, bool)
       w = w * (band_valid[self.pair_a[idx]] & band_valid[self.pair_b[idx]])
     total = w.sum()
     if total <= 0:
       return None
-    j = idx[rng.choice(len(idx), p=w / total)]
-    kind = int(rng.choice(len(batch_lib.PAIR_KINDS), p=self.kind_given_pair[:, j]))
-    a, b = int(self.pair_a[j]), int(self.pair_b[j])
-    if self.registry.bands[a].instrument == self.registry.bands[b].instrument:
-      if rng.random() < 0.5:  # which band the online branch sees is a fair coin
-        a, b = b, a
-    return PairDraw(a, b, kind)
+    return idx, w / total
 
   def pair_index(self, band_a: int, band_b: int) -> int:
     """Index into the (P,) arrays of the unordered pair {band_a, band_b}."""
