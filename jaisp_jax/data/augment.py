@@ -223,9 +223,15 @@ def make_pair(chip: Mapping, registry: bands_lib.BandRegistry, band_a: int, band
 
 
 def make_chip_sample(chip: Mapping, registry: bands_lib.BandRegistry, geom: Geometry,
-                     min_valid_fraction: float | None = 0.5) -> dict:
-  """One element of `batch['chips']`: every band of every instrument, normalised."""
-  valid = chip_band_valid(chip, registry, min_valid_fraction)
+                     min_valid_fraction: float | None = 0.5,
+                     valid: np.ndarray | None = None) -> dict:
+  """One element of `batch['chips']`: every band of every instrument, normalised.
+
+  `valid`: the chip's `chip_band_valid(chip, registry, min_valid_fraction)` when the
+  caller already has it (the pipeline caches it with the chip).
+  """
+  if valid is None:
+    valid = chip_band_valid(chip, registry, min_valid_fraction)
   out = {}
   for inst in registry.instruments:
     members = registry.instrument_bands(inst)

@@ -409,7 +409,7 @@ class PairElement:
         chip, self.registry, draw.band_a, draw.band_b, draw.kind, geom, rng,
         self.noise_prob, self.noise_max_alpha))
     if slot < self.layout.local_chips:
-      element['chip'] = augment.make_chip_sample(chip, self.registry, geom, None)
+      element['chip'] = augment.make_chip_sample(chip, self.registry, geom, None, valid)
     return element
 
 
