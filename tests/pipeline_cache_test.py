@@ -141,3 +141,32 @@ def test_chip_decoder_returns_what_tfds_decodes(data_dir):
   # Sources that are not TFDS array_record data sources are decoded by themselves.
   assert pipeline.ChipDecoder.for_source(_Counting(source)) is None
   assert pipeline.ChipDecoder.for_source([source[0]]) is None
+
+
+def test_chip_decoder_reads_the_wire_format_like_protobuf():
+  from tensorflow_datasets.proto import tf_example_pb2
+  rng = np.random.default_rng(0)
+  image = rng.standard_normal((2, 3, 3)).astype(np.float32)
+  ex = tf_example_pb2.Example()
+  feats = ex.features.feature
+  feats['instruments/x/image'].bytes_list.value.append(image.tobytes())
+  feats['instruments/x/band_valid'].int64_list.value.extend([1, 0])
+  feats['instruments/x/rms_scale'].float_list.value.extend([0.5, 2.0])
+  feats['instruments/x/pixel_scale'].float_list.value.append(0.1)
+  feats['instruments/x/band_names'].bytes_list.value.extend([b'a', b'b'])
+  feats['id'].bytes_list.value.append(b'x' * 300)  # a long varint length, skipped
+  decoder = pipeline.ChipDecoder([
+      ('x', 'band_names', 'instruments/x/band_names', np.dtype(object), (2,), False),
+      ('x', 'band_valid', 'instruments/x/band_valid', np.dtype(bool), (2,), False),
+      ('x', 'image', 'instruments/x/image', np.dtype(np.float32), (2, 3, 3), True),
+      ('x', 'pixel_scale', 'instruments/x/pixel_scale', np.dtype(np.float32), (), False),
+      ('x', 'rms_scale', 'instruments/x/rms_scale', np.dtype(np.float32), (2,), False)])
+  chip = decoder(ex.SerializeToString())['x']
+  np.testing.assert_array_equal(chip['image'], image)
+  assert not chip['image'].flags.writeable
+  np.testing.assert_array_equal(chip['band_valid'], [True, False])
+  np.testing.assert_array_equal(chip['rms_scale'], np.float32([0.5, 2.0]))
+  assert chip['pixel_scale'] == np.float32(0.1) and list(chip['band_names']) == [b'a', b'b']
+  del feats['instruments/x/image']
+  with pytest.raises(ValueError, match='no value for instruments/x/image'):
+    decoder(ex.SerializeToString())

@@ -161,11 +161,13 @@ class ChipDecoder:
 
   TFDS's generic numpy parser turns every feature of a record (ids, truth rows, sky
   position, ...) into arrays through a flatten / nest pass and a few copies, which
-  costs more than making a pair. The pipeline needs only the chip, so this parses the
-  same serialized ``tf.train.Example`` with TFDS's own protobuf message and converts
-  each chip feature as TFDS would (``np.frombuffer(...).reshape(shape)`` for tensors
-  stored as bytes, read-only like TFDS's; ``np.array(values, dtype)`` for value
-  lists; ``.item()`` for scalars): the same arrays, dtypes and shapes.
+  costs more than making a pair. The pipeline needs only the chip, so this finds the
+  chip's features in the serialized ``tf.train.Example`` (a scan of the protobuf wire
+  format) and converts each as TFDS would: ``np.frombuffer(...).reshape(shape)`` for
+  tensors stored as bytes (here viewing the record's bytes in place, read-only like
+  TFDS's, no copy of the image planes), ``np.array(values, dtype)`` of the value list
+  parsed by TFDS's protobuf ``Feature`` message otherwise, ``.item()`` for scalars:
+  the same arrays, dtypes, shapes and key order.
   """
 
   def __init__(self, fields: Sequence[tuple[str, str, str, Any, tuple[int, ...], bool]]):
@@ -212,22 +214,104 @@ class ChipDecoder:
     return cls(sorted(fields, key=lambda f: f[:2]))  # TFDS's (sorted) key order
 
   def __call__(self, serialized: bytes) -> dict[str, dict[str, Any]]:
-    from tensorflow_datasets.proto import tf_example_pb2
-    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+    from tensorflow_datasets.proto import tf_feature_pb2
+    buf = memoryview(serialized)
+    spans = _feature_spans(buf, self._wanted)
     chip: dict[str, dict[str, Any]] = {}
     for inst, key, proto_key, dtype, shape, as_bytes in self.fields:
-      f = feature[proto_key]
-      kind = f.WhichOneof('kind')
-      if kind is None:
+      if proto_key not in spans:
         raise ValueError(f'record has no value for {proto_key}')
-      values = getattr(f, kind).value
-      if as_bytes:
-        value = np.frombuffer(values[0], dtype=dtype).reshape(shape)
+      start, end = spans[proto_key]
+      # The big tensors (image, rms) are viewed in place in the record's bytes,
+      # read-only (as TFDS's np.frombuffer of a copy); the rest is tiny: protobuf.
+      data = _single_bytes_value(buf, start, end) if as_bytes else None
+      if data is not None:
+        value = np.frombuffer(data, dtype=dtype).reshape(shape)
       else:
-        value = np.array(values, dtype=dtype)
-        value = value.reshape(shape) if shape else value.item()
+        f = tf_feature_pb2.Feature.FromString(bytes(buf[start:end]))
+        kind = f.WhichOneof('kind')
+        if kind is None:
+          raise ValueError(f'record has no value for {proto_key}')
+        values = getattr(f, kind).value
+        if as_bytes:
+          value = np.frombuffer(values[0], dtype=dtype).reshape(shape)
+        else:
+          value = np.array(values, dtype=dtype)
+          value = value.reshape(shape) if shape else value.item()
       chip.setdefault(inst, {})[key] = value
     return chip
+
+  @property
+  def _wanted(self) -> frozenset[bytes]:
+    return frozenset(f[2].encode() for f in self.fields)
+
+
+# Protocol buffer wire format, just enough to find the features of a serialized
+# tf.train.Example (Example.features = 1 -> Features.feature = 1, a map whose entries
+# have key = 1, value = 2 -> Feature.bytes_list = 1 -> BytesList.value = 1) without
+# copying the bytes of the big tensors.
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    b = buf[i]
+    i += 1
+    value |= (b & 0x7F) << shift
+    if b < 0x80:
+      return value, i
+    shift += 7
+
+
+def _len_fields(buf: memoryview, start: int, end: int):
+  """(field number, start, end) of the length-delimited fields of a message."""
+  i = start
+  while i < end:
+    tag, i = _varint(buf, i)
+    wire = tag & 7
+    if wire == 2:
+      n, i = _varint(buf, i)
+      yield tag >> 3, i, i + n
+      i += n
+    elif wire == 0:
+      _, i = _varint(buf, i)
+    elif wire in (1, 5):
+      i += 8 if wire == 1 else 4
+    else:
+      raise ValueError(f'unsupported protobuf wire type {wire}')
+  if i != end:
+    raise ValueError('truncated protobuf message')
+
+
+def _feature_spans(buf: memoryview, wanted: frozenset[bytes]) -> dict[str, tuple[int, int]]:
+  """Feature key -> (start, end) of its serialized Feature, for the wanted keys."""
+  spans = {}
+  for number, start, end in _len_fields(buf, 0, len(buf)):
+    if number != 1:
+      continue
+    for entry_number, e_start, e_end in _len_fields(buf, start, end):
+      if entry_number != 1:
+        continue
+      key = span = None
+      for field, f_start, f_end in _len_fields(buf, e_start, e_end):
+        if field == 1:
+          key = bytes(buf[f_start:f_end])
+        elif field == 2:
+          span = (f_start, f_end)
+      if key in wanted and span is not None:
+        spans[key.decode()] = span  # the last entry of a key wins, as in protobuf
+  return spans
+
+
+def _single_bytes_value(buf: memoryview, start: int, end: int) -> memoryview | None:
+  """The value of a Feature holding a BytesList of exactly one value, else None."""
+  lists = list(_len_fields(buf, start, end))
+  if len(lists) != 1 or lists[0][0] != 1:
+    return None
+  values = list(_len_fields(buf, lists[0][1], lists[0][2]))
+  if len(values) != 1 or values[0][0] != 1:
+    return None
+  return buf[values[0][1]:values[0][2]]
 
 
 # -- elements and batches ----------------------------------------------------------
