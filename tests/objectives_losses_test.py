@@ -79,6 +79,9 @@ CASES['jepa_tokens_inv'] = (
     {'loss_jepa', 'loss_vicreg', 'loss_inv', 'global_similarity', 'effective_dim'},
     lambda m, c: c.jepa * m['loss_jepa'] + m['loss_vicreg'] + c.inv * m['loss_inv'])
 CASES['jepa_tokens_inv'][0].loss.update(vicreg_on='tokens', inv=0.5)
+# detr_jepa under the smoke preset (no predictor: the online slots are the predictions).
+CASES['detr_jepa_no_predictor'] = (_config('detr_jepa', predictor=dict(kind='none')),
+                                   *CASES['detr_jepa'][1:])
 # Non-default term weights, so the composition check below sees them.
 for _case in CASES.values():
   _case[0].loss.update(jepa=0.7, shift=0.3, recon=0.6, slot=1.3, objectness=0.2, ntxent=0.9)

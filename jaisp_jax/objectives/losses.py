@@ -170,8 +170,9 @@ def _slot_terms(outputs: dict, targets: dict, cfg) -> tuple[jax.Array, dict]:
   ta, tb = targets['a']['objects'], targets['b']['objects']
   prob_a = jax.nn.sigmoid(oa['objectness']) if cfg.use_objectness else None
   prob_b = jax.nn.sigmoid(ob['objectness']) if cfg.use_objectness else None
+  # Without a predictor (model.predictor.kind 'none') the online slots are the predictions.
   loss_s, m_s = slots.matched_slot_loss(
-      oa['pred'], ob['pred'], ta['slots'], tb['slots'], prob_a, prob_b,
+      oa.get('pred', oa['slots']), ob.get('pred', ob['slots']), ta['slots'], tb['slots'], prob_a, prob_b,
       weight_mode=cfg.slot_weight_mode, active_threshold=cfg.active_threshold)
   d = oa['slots'].shape[-1]
   loss_v, m_v = _vicreg_pair(oa['slots'].reshape(-1, d), ob['slots'].reshape(-1, d), cfg)
