@@ -79,7 +79,9 @@ def test_batches_are_identical_with_the_cache_on_off_or_evicting(data_dir):
     reads[mb] = src.reads
   # The TFDS source itself: chips decoded by `ChipDecoder` instead of TFDS.
   batches['fast'] = _batches(_config(data_dir), 6)
-  for other in (1, 1024, 'fast'):
+  # Reading threads share one cache (and a small one evicts under them).
+  batches['threads'] = _batches(_config(data_dir, cache_mb=1, read_threads=3), 6)
+  for other in (1, 1024, 'fast', 'threads'):
     for x, y in zip(jax.tree.leaves(batches[0]), jax.tree.leaves(batches[other])):
       np.testing.assert_array_equal(x, y)
   assert reads[1024] == n_chips          # every chip decoded once
