@@ -173,6 +173,7 @@ class ChipDecoder:
   def __init__(self, fields: Sequence[tuple[str, str, str, Any, tuple[int, ...], bool]]):
     # (instrument, key, proto feature key, numpy dtype, shape, stored as raw bytes)
     self.fields = tuple(fields)
+    self._wanted = frozenset(f[2].encode() for f in self.fields)
 
   @classmethod
   def for_source(cls, source) -> 'ChipDecoder | None':
@@ -240,10 +241,6 @@ class ChipDecoder:
           value = value.reshape(shape) if shape else value.item()
       chip.setdefault(inst, {})[key] = value
     return chip
-
-  @property
-  def _wanted(self) -> frozenset[bytes]:
-    return frozenset(f[2].encode() for f in self.fields)
 
 
 # Protocol buffer wire format, just enough to find the features of a serialized
