@@ -172,3 +172,34 @@ def test_chip_decoder_reads_the_wire_format_like_protobuf():
   del feats['instruments/x/image']
   with pytest.raises(ValueError, match='no value for instruments/x/image'):
     decoder(ex.SerializeToString())
+
+
+class _Damaged:
+  """The TFDS source with its records cut in half (a damaged array_record file)."""
+
+  def __init__(self, source):
+    self.source = source
+    self.dataset_info = source.dataset_info
+    self.data_source = self
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    raw = self.source.data_source[i]
+    return raw[:len(raw) // 2]
+
+
+def test_a_damaged_record_is_a_clear_error_naming_it(data_dir):
+  from jaisp_jax.cli import UserError
+  config = _config(data_dir)
+  source = pipeline.open_source(config, 'train', REG)
+  decoder = pipeline.ChipDecoder.for_source(source)
+  raw = source.data_source[0]
+  with pytest.raises((ValueError, IndexError)):
+    decoder(raw[:len(raw) // 2])
+  layout = pipeline.make_layout(config, pipeline.make_sampler(config, REG), 2, 1)
+  element = pipeline.PairElement(source, REG, config, layout, 0, 1)
+  element.source = _Damaged(source)
+  with pytest.raises(UserError, match=r'record 3 is not a readable chip record'):
+    element.chip(3)

@@ -443,7 +443,12 @@ class PairElement:
 
   def _load(self, index: int) -> tuple[Any, np.ndarray]:
     if self.decoder is not None:
-      chip = self.decoder(self.source.data_source[index])
+      try:
+        chip = self.decoder(self.source.data_source[index])
+      except (ValueError, IndexError) as e:  # a damaged record: say which, stop loudly
+        where = getattr(getattr(self.source, 'dataset_info', None), 'data_dir', 'dataset')
+        raise UserError(f'{where}: record {index} is not a readable chip record ({e}); '
+                        'rebuild the dataset (python -m jaisp_jax.data.build)') from None
     else:
       chip = self.source[index]['instruments']
     return chip, augment.chip_band_valid(chip, self.registry, None)
