@@ -6,6 +6,7 @@ import pytest
 
 from jaisp_jax import bands
 from jaisp_jax.data import pipeline
+from jaisp_jax.data import records
 from jaisp_jax.data import tfds_builder
 
 REG = bands.default_registry()
@@ -68,7 +69,7 @@ def _batches(config, n, source=None):
 
 def test_batches_are_identical_with_the_cache_on_off_or_evicting(data_dir):
   base = pipeline.open_source(_config(data_dir), 'train', REG)
-  chip_mb = pipeline._nbytes(base[0]['instruments']) / 2 ** 20
+  chip_mb = records._nbytes(base[0]['instruments']) / 2 ** 20
   n_chips = len(base)
   assert n_chips >= 6 and 0.25 < chip_mb < 0.5  # a 1 MB cache holds 2 or 3 chips
   batches = {}
@@ -91,11 +92,11 @@ def test_batches_are_identical_with_the_cache_on_off_or_evicting(data_dir):
 
 def test_cache_is_bounded_least_recently_used_and_never_altered(data_dir):
   base = pipeline.open_source(_config(data_dir), 'train', REG)
-  size = pipeline._nbytes(base[0]['instruments'])
+  size = records._nbytes(base[0]['instruments'])
   c = _config(data_dir)
   layout = pipeline.make_layout(c, pipeline.make_sampler(c, REG), 2, 1)
   element = pipeline.PairElement(base, REG, c, layout, 0, 1)
-  element.cache = pipeline.RecordCache(2 * size)
+  element.cache = records.RecordCache(2 * size)
   for i in (0, 1, 0, 2):  # 0 was used after 1, so 1 is the one evicted for 2
     element.chip(i)
   assert len(element.cache) == 2 and element.cache.nbytes == 2 * size
@@ -105,7 +106,7 @@ def test_cache_is_bounded_least_recently_used_and_never_altered(data_dir):
   element.chip(1)
   assert element.cache.misses == 4
   # Many elements later, a cached chip still holds the values read from disk.
-  element.cache = pipeline.RecordCache(2 ** 30)
+  element.cache = records.RecordCache(2 ** 30)
   cached, _ = element.chip(0)
   for k in range(40):
     element(k)
@@ -118,7 +119,7 @@ def test_cache_is_bounded_least_recently_used_and_never_altered(data_dir):
 
 def test_a_worker_gets_an_empty_cache():
   import pickle
-  cache = pipeline.RecordCache(2 ** 20)
+  cache = records.RecordCache(2 ** 20)
   cache.get(0, lambda i: ({'x': np.zeros(4)}, np.ones(1, bool)))
   copy = pickle.loads(pickle.dumps(cache))
   assert len(cache) == 1 and len(copy) == 0 and copy.max_bytes == 2 ** 20
@@ -126,7 +127,7 @@ def test_a_worker_gets_an_empty_cache():
 
 def test_chip_decoder_returns_what_tfds_decodes(data_dir):
   source = pipeline.open_source(_config(data_dir), 'train', REG)
-  decoder = pipeline.ChipDecoder.for_source(source)
+  decoder = records.ChipDecoder.for_source(source)
   assert decoder is not None  # a dataset of `build` takes the fast path
   for i in (0, len(source) - 1):
     fast, slow = decoder(source.data_source[i]), source[i]['instruments']
@@ -141,8 +142,8 @@ def test_chip_decoder_returns_what_tfds_decodes(data_dir):
           assert not got.flags.writeable or want.flags.writeable, (inst, key)
         np.testing.assert_array_equal(got, want)
   # Sources that are not TFDS array_record data sources are decoded by themselves.
-  assert pipeline.ChipDecoder.for_source(_Counting(source)) is None
-  assert pipeline.ChipDecoder.for_source([source[0]]) is None
+  assert records.ChipDecoder.for_source(_Counting(source)) is None
+  assert records.ChipDecoder.for_source([source[0]]) is None
 
 
 def test_chip_decoder_reads_the_wire_format_like_protobuf():
@@ -157,7 +158,7 @@ def test_chip_decoder_reads_the_wire_format_like_protobuf():
   feats['instruments/x/pixel_scale'].float_list.value.append(0.1)
   feats['instruments/x/band_names'].bytes_list.value.extend([b'a', b'b'])
   feats['id'].bytes_list.value.append(b'x' * 300)  # a long varint length, skipped
-  decoder = pipeline.ChipDecoder([
+  decoder = records.ChipDecoder([
       ('x', 'band_names', 'instruments/x/band_names', np.dtype(object), (2,), False),
       ('x', 'band_valid', 'instruments/x/band_valid', np.dtype(bool), (2,), False),
       ('x', 'image', 'instruments/x/image', np.dtype(np.float32), (2, 3, 3), True),
@@ -194,7 +195,7 @@ def test_a_damaged_record_is_a_clear_error_naming_it(data_dir):
   from jaisp_jax.cli import UserError
   config = _config(data_dir)
   source = pipeline.open_source(config, 'train', REG)
-  decoder = pipeline.ChipDecoder.for_source(source)
+  decoder = records.ChipDecoder.for_source(source)
   raw = source.data_source[0]
   with pytest.raises((ValueError, IndexError)):
     decoder(raw[:len(raw) // 2])
