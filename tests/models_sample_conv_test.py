@@ -99,3 +99,59 @@ def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match='im2col'):
     with sample_conv.implementation('grouped'):
       pass
+
+
+D = 6
+
+
+def _tokens_inputs(g, seed):
+  r = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
+  mask = jnp.asarray(r.random((g, H, W)) > 0.2, jnp.float32)
+  return (f(g, H, W, CI), mask, 0.3 * f(g, 3, 3, CI, C1), f(g, C1), 0.3 * f(g, 3, 3, C1, C2),
+          f(g, C2), 0.2 * f(S * S * C2, D))
+
+
+def _reference_tokens(x, mask, k1, b1, k2, b2, kernel):
+  return jnp.einsum('ghwk,kd->ghwd', _reference_stem(x, mask, k1, b1, k2, b2), kernel,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _tokens(impl):
+  def f(*args):
+    with sample_conv.implementation(impl):
+      return sample_conv.stem_tokens(*args, S)
+  return f
+
+
+# g = 5: the loop's chunks of samples fall back to one sample per chunk (5 is prime).
+@pytest.mark.parametrize('impl,g', [('loop', 4), ('loop', 5), ('im2col', 4)])
+def test_stem_tokens_match_reference_values_and_all_gradients(impl, g):
+  args = _tokens_inputs(g, 6)
+  out = jax.jit(_tokens(impl))(*args)
+  assert out.shape == (g, H // S, W // S, D)
+  np.testing.assert_allclose(out, _reference_tokens(*args), rtol=1e-4, atol=1e-4)
+  ct = jnp.asarray(np.random.default_rng(7).normal(size=out.shape), jnp.float32)
+  loss = lambda fn: (lambda *a: jnp.sum(fn(*a) * ct))
+  got = jax.jit(jax.grad(loss(_tokens(impl)), argnums=tuple(range(7))))(*args)
+  want = jax.grad(loss(_reference_tokens), argnums=tuple(range(7)))(*args)
+  for name, a, b in zip(['x', 'mask', 'k1', 'b1', 'k2', 'b2', 'kernel'], got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+    assert float(jnp.abs(b).max()) > 0, name
+
+
+def test_loop_stem_tokens_sharded_over_the_batch_match_one_device():
+  n = 4
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('data',))
+  args = _tokens_inputs(2 * n, 8)  # two samples per device: one chunk each
+  batch = lambda a: jax.device_put(a, NamedSharding(mesh, P('data', *([None] * (a.ndim - 1)))))
+  sharded = [batch(a) for a in args[:6]] + [jax.device_put(args[6], NamedSharding(mesh, P()))]
+  ct = jnp.asarray(np.random.default_rng(9).normal(size=(2 * n, H // S, W // S, D)), jnp.float32)
+  f = lambda *a: jnp.sum(_tokens('loop')(*a) * ct)
+  val, grads = jax.jit(jax.value_and_grad(f, argnums=(4, 6)))(*sharded)
+  val1, grads1 = jax.jit(jax.value_and_grad(f, argnums=(4, 6)))(*args)
+  np.testing.assert_allclose(val, val1, rtol=1e-5)
+  for a, b in zip(grads, grads1):  # k2 (per sample) and the shared kernel (summed)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  out = jax.jit(_tokens('loop'))(*sharded)
+  assert out.sharding.spec[0] == 'data'

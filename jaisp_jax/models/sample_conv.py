@@ -6,26 +6,38 @@ stem is, per sample g with its band's parameters,
     features[g] = gelu(conv3x3(gelu(conv3x3(x[g], k1[g]) + b1[g]), k2[g]) + b2[g]) * mask[g]
 
 XLA has no fast batched form of a per-sample convolution on every platform, so there
-are two implementations of the same function (`conv_stem`, and `conv3x3` for one layer):
+are two implementations of the same functions (`conv_stem`; `stem_tokens`, the stem
+followed by its shared stride-s patch embedding; `conv3x3` for one layer):
 
 * ``'im2col'``: the 3x3 neighbourhoods concatenated into (G, H, W, 9 Ci) columns and
   one batched matmul per layer, then element-wise GELU / mask and patchify passes.
   Plain XLA ops: every backend, sharding and XLA's cost analysis handle it. The price
   is a column buffer 9x the input and a full pass over memory for every step.
-* ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of one
-  sample -- native convolutions, GELU, mask, patchify -- on a working set of a few MB
-  that stays in cache, with a custom VJP: the backward loop recomputes the sample's
-  forward (nothing but the inputs is saved) and differentiates it with the fast
-  convolution forms (input gradient: the convolution with the kernel rotated by 180
-  degrees and its channel axes swapped; kernel gradient: a convolution of the padded
-  input with the output gradient as the window); XLA:CPU's own backward convolutions
-  are several times slower. Under SPMD a loop over a sharded batch would gather the
-  whole batch onto every device, so the loops are wrapped in `custom_partitioning`:
-  each device loops over its own samples.
+* ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of
+  one sample -- native convolutions, GELU, mask, patchify -- on a working set of a
+  few MB, with a custom VJP: the backward recomputes conv1 (2 input channels) and
+  differentiates with the fast convolution forms (input gradient: the convolution with
+  the kernel rotated by 180 degrees and its channel axes swapped; kernel gradient: a
+  convolution of the padded input with the output gradient as the window); XLA:CPU's
+  own backward convolutions are several times slower. Only z2 (the second
+  pre-activation) is saved for the backward. `stem_tokens` also runs the patch
+  embedding inside the loop, on chunks of `_CHUNK` samples (one matmul per chunk), so
+  that the (G, H, W, C2) features, their patchified copy and the gradients of both are
+  never materialised for the whole batch: on XLA:CPU every temporary buffer is fresh
+  memory each step (page faults, ~0.5 ms per MB) besides the memory traffic. Under
+  SPMD a loop over a sharded batch would gather the whole batch onto every device, so
+  the loops are wrapped in `custom_partitioning`: each device loops over its own
+  samples (shared weights replicated; the patch-embedding kernel's gradient is one
+  matmul outside the loop, which XLA reduces over the batch shards).
+
+GELU is the exact one, written with erf as PyTorch computes it (jax.nn.gelu's erfc
+form is the same function to float rounding, with more element-wise work).
 
 Measured on CPU (2 cores, AMD EPYC, 32 Rubin views of 128 x 128 px, 2 -> 32 -> 64
-channels, stride-16 patchify, forward + backward; load ~5): 'loop' ~1.3 CPU s and
-0.2 GB of temporaries per call, 'im2col' ~3.3 CPU s and 1.6 GB.
+channels, stride-16 patch embedding to D = 256, gradients w.r.t. the weights; process
+CPU seconds, the machine shared with other jobs): forward + backward 'loop' 2.08 s
+(per-sample loop, then patchify and the embedding outside) -> 1.75 s (`stem_tokens`,
+erf GELU), forward alone 0.67 -> 0.62 s; page faults 148k -> 71k per call. docs/performance.md.
 
 ``'auto'`` (the default) takes 'loop' on CPU and 'im2col' elsewhere (GPU/TPU fuse the
 matmul form well; a grouped convolution is the other candidate there, pending
@@ -38,8 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -49,6 +61,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 IMPLEMENTATIONS = ('auto', 'loop', 'im2col')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _impl = 'auto'
+_SQRT_HALF = 0.5 ** 0.5
+_INV_SQRT_2PI = (2 * math.pi) ** -0.5
+# Samples per iteration of the token loop (`stem_tokens`): the chunk's patch-embedding
+# matmul has chunk * h * w rows (a 64-row matmul per sample ran ~1.5x slower than
+# 2048 rows at once); more samples per chunk means a larger working set per iteration.
+# 2, 4 and 8 measured alike on the 2-core CPU.
+_CHUNK = 2
 
 
 @contextlib.contextmanager
@@ -74,7 +93,17 @@ def _dispatch(loop_fn, im2col_fn, *args):
 
 
 def _gelu(x):
-  return nn.gelu(x, approximate=False)
+  # Exact GELU written with erf, as PyTorch computes it: XLA's erf is one rational
+  # polynomial, jax.nn.gelu's erfc form costs an exp, a divide and two polynomials
+  # more per element (the same function to float rounding).
+  return 0.5 * x * (1 + jax.lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_and_grad(x):
+  """(gelu(x), gelu'(x)) sharing the normal CDF: gelu' = cdf + x * pdf."""
+  cdf = 0.5 * (1 + jax.lax.erf(x * _SQRT_HALF))
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return x * cdf, cdf + x * pdf
 
 
 def patchify(x: jax.Array, stride: int) -> jax.Array:
@@ -113,9 +142,23 @@ def conv_stem(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
   Returns:
     (G, H/s, W/s, s*s*C2) patchified features, pixels in (dy, dx, c) order.
   """
-  return _dispatch(lambda *a: patchify(_loop_stem(*a), stride),
+  return _dispatch(lambda *a: patchify(_loop_stem_features(*a), stride),
                    functools.partial(conv_stem_im2col, stride=stride),
                    x, mask, k1, b1, k2, b2)
+
+
+def stem_tokens(x, mask, k1, b1, k2, b2, kernel, stride: int) -> jax.Array:
+  """`conv_stem` followed by its stride-s patch embedding (bias not included).
+
+  Args:
+    x, mask, k1, b1, k2, b2, stride: as in `conv_stem`.
+    kernel: (s*s*C2, D) patch-embedding matrix, shared by all samples.
+  Returns:
+    (G, H/s, W/s, D) = conv_stem(...) @ kernel.
+  """
+  return _dispatch(functools.partial(_loop_tokens, stride=stride),
+                   functools.partial(stem_tokens_im2col, stride=stride),
+                   x, mask, k1, b1, k2, b2, kernel)
 
 
 def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -134,6 +177,11 @@ def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
   h = _gelu(conv3x3_im2col(x, k1) + b1[:, None, None, :])
   f = _gelu(conv3x3_im2col(h, k2) + b2[:, None, None, :]) * mask[..., None].astype(h.dtype)
   return patchify(f, stride)
+
+
+def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int) -> jax.Array:
+  """`stem_tokens` from `conv_stem_im2col` and one matmul."""
+  return jnp.einsum('ghwk,kd->ghwd', conv_stem_im2col(x, mask, k1, b1, k2, b2, stride), kernel)
 
 
 # -- one sample ------------------------------------------------------------------------
@@ -160,29 +208,37 @@ def _conv_one_bwd(x, kernel, dy):
   return _conv_one_raw(dy, flipped), _kernel_grad_one(x, dy)
 
 
+def _z1(x, k1, b1):
+  return _conv_one_raw(x, k1) + b1[None, None, :]  # (H, W, C1)
+
+
 def _stem_fwd_one(x, mask, k1, b1, k2, b2):
-  """One sample's stem features (H, W, C2) and the pre-activations the backward needs."""
-  z1 = _conv_one_raw(x, k1) + b1[None, None, :]  # (H, W, C1)
-  z2 = _conv_one_raw(_gelu(z1), k2) + b2[None, None, :]  # (H, W, C2)
-  return _gelu(z2) * mask[..., None].astype(z2.dtype), (z1, z2)
+  """One sample's stem features (H, W, C2) and the residual the backward needs (z2).
+
+  z1 = conv1(x) is not saved: the backward recomputes it (2 input channels, ~3% of
+  the stem's FLOPs), which saves a (G, H, W, C1) buffer written and read per step.
+  """
+  z2 = _conv_one_raw(_gelu(_z1(x, k1, b1)), k2) + b2[None, None, :]  # (H, W, C2)
+  return _gelu(z2) * mask[..., None].astype(z2.dtype), z2
 
 
 def _stem_one(x, mask, k1, b1, k2, b2):
   return _stem_fwd_one(x, mask, k1, b1, k2, b2)[0]
 
 
-def _stem_bwd_one(x, mask, k1, b1, k2, b2, z1, z2, df):
-  """Gradients of one sample's stem w.r.t. (x, mask, k1, b1, k2, b2)."""
-  del b1, b2
+def _stem_bwd_one(x, mask, k1, b1, k2, b2, z2, df):
+  """Gradients of one sample's stem w.r.t. (x, mask, k1, b1, k2, b2), and its features."""
+  del b2
   m = mask[..., None].astype(df.dtype)
-  a2, gelu2_vjp = jax.vjp(_gelu, z2)
-  g2 = gelu2_vjp(df * m)[0]  # d z2, (H, W, C2)
+  a2, d2 = _gelu_and_grad(z2)
+  g2 = d2 * (df * m)  # d z2, (H, W, C2)
   dmask = jnp.sum(df * a2, axis=-1).astype(mask.dtype)
-  h1, gelu1_vjp = jax.vjp(_gelu, z1)
+  h1, d1 = _gelu_and_grad(_z1(x, k1, b1))
   dh1, dk2 = _conv_one_bwd(h1, k2, g2)
-  g1 = gelu1_vjp(dh1)[0]  # d z1, (H, W, C1)
+  g1 = d1 * dh1  # d z1, (H, W, C1)
   dx, dk1 = _conv_one_bwd(x, k1, g1)
-  return dx, dmask, dk1, jnp.sum(g1, axis=(0, 1)), dk2, jnp.sum(g2, axis=(0, 1))
+  grads = (dx, dmask, dk1, jnp.sum(g1, axis=(0, 1)), dk2, jnp.sum(g2, axis=(0, 1)))
+  return grads, a2 * m
 
 
 # -- loops over the samples, partitioned along the batch --------------------------------
@@ -191,12 +247,17 @@ def _ranks(types) -> list[int]:
   return [len(mlir.ir.RankedTensorType(t).shape) for t in types]
 
 
-def _batch_rule(mesh, operand_types, result_types):
-  """Einsum-like Shardy rule: axis 0 is one shared factor 'b', every other axis its own."""
+def _batch_rule(n_batched, mesh, operand_types, result_types):
+  """Shardy rule: axis 0 of the first `n_batched` operands and of every result is one
+  shared factor 'b'; every other axis (and every axis of the rest) is its own factor."""
   del mesh
-  side = lambda prefix, ranks: ', '.join(
-      ' '.join(['b'] + [f'{prefix}{i}_{d}' for d in range(1, r)]) for i, r in enumerate(ranks))
-  return f'{side("x", _ranks(operand_types))} -> {side("y", _ranks(result_types))}'
+  def side(prefix, ranks, batched):
+    return ', '.join(' '.join((['b'] if i < batched else [f'{prefix}{i}_0'])
+                              + [f'{prefix}{i}_{d}' for d in range(1, r)])
+                     for i, r in enumerate(ranks))
+  ranks = _ranks(result_types)
+  return (f'{side("x", _ranks(operand_types), n_batched)} -> '
+          f'{side("y", ranks, len(ranks))}')
 
 
 def _batch_spec(sharding, ndim: int) -> P:
@@ -206,8 +267,12 @@ def _batch_spec(sharding, ndim: int) -> P:
   return P(first, *([None] * (ndim - 1)))
 
 
-def _batch_parallel(fn):
-  """`fn` (a loop over axis 0) partitioned so that each device loops over its samples."""
+def _batch_parallel(fn, n_batched=None):
+  """`fn` (a loop over axis 0) partitioned so that each device loops over its samples.
+
+  The first `n_batched` arguments (default: all) are split along axis 0 like the first
+  one; the others (shared weights) are replicated. Every result is split along axis 0.
+  """
   wrapped = custom_partitioning(fn)
 
   def infer(mesh, arg_shapes, result_shape):
@@ -218,10 +283,14 @@ def _batch_parallel(fn):
   def partition(mesh, arg_shapes, result_shape):
     first = arg_shapes[0].sharding
     sh = lambda a: NamedSharding(mesh, _batch_spec(first, len(a.shape)))
-    return mesh, fn, jax.tree.map(sh, result_shape), tuple(sh(a) for a in arg_shapes)
+    n = len(arg_shapes) if n_batched is None else n_batched
+    args = tuple(sh(a) if i < n else NamedSharding(mesh, P()) for i, a in enumerate(arg_shapes))
+    return mesh, fn, jax.tree.map(sh, result_shape), args
 
-  wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                        sharding_rule=_batch_rule)
+  wrapped.def_partition(
+      partition=partition, infer_sharding_from_operands=infer,
+      sharding_rule=lambda mesh, ops, res: _batch_rule(
+          len(ops) if n_batched is None else n_batched, mesh, ops, res))
   return wrapped
 
 
@@ -254,4 +323,91 @@ def _per_sample(primal_one, fwd_one, bwd_one):
 
 _loop_conv3x3 = _per_sample(_conv_one_raw, lambda x, k: (_conv_one_raw(x, k), ()),
                             _conv_one_bwd)
-_loop_stem = _per_sample(_stem_one, _stem_fwd_one, _stem_bwd_one)
+_loop_stem_features = _per_sample(
+    _stem_one, lambda *a: (lambda f, z2: (f, (z2,)))(*_stem_fwd_one(*a)),
+    lambda *a: _stem_bwd_one(*a)[0])
+
+
+# -- the stem and its patch embedding, a chunk of samples per iteration ------------------
+
+def _chunked(a, c):  # (G, ...) -> (G/c, c, ...)
+  return a.reshape(a.shape[0] // c, c, *a.shape[1:])
+
+
+def _unchunked(a):  # (G/c, c, ...) -> (G, ...)
+  return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _chunk_size(g: int) -> int:
+  return max(c for c in range(1, min(g, _CHUNK) + 1) if g % c == 0)
+
+
+def _unpatchify(p, stride):  # (h, w, s*s*C) -> (h*s, w*s, C), the inverse of `patchify`
+  h, w, k = p.shape
+  c = k // (stride * stride)
+  return p.reshape(h, w, stride, stride, c).transpose(0, 2, 1, 3, 4).reshape(
+      h * stride, w * stride, c)
+
+
+def _tokens_loop(stride, with_residual, x, mask, k1, b1, k2, b2, kernel):
+  """Tokens (G, h, w, D) [and z2 (G, H, W, C2)] of this device's samples."""
+  c = _chunk_size(x.shape[0])
+
+  def body(t):  # one chunk: (c, ...) arrays
+    outs = [_stem_fwd_one(*(a[i] for a in t)) for i in range(c)]
+    patches = jnp.stack([patchify(f, stride) for f, _ in outs])  # (c, h, w, s*s*C2)
+    tokens = jnp.einsum('chwk,kd->chwd', patches, kernel)
+    return (tokens, jnp.stack([z2 for _, z2 in outs])) if with_residual else tokens
+
+  out = jax.lax.map(body, tuple(_chunked(a, c) for a in (x, mask, k1, b1, k2, b2)))
+  return jax.tree.map(_unchunked, out)
+
+
+def _tokens_bwd_loop(stride, x, mask, k1, b1, k2, b2, z2, ct, kernel):
+  """Per-sample gradients and patchified features (G, h, w, s*s*C2) for the kernel's."""
+  c = _chunk_size(x.shape[0])
+
+  def body(t):
+    *args, ct_c = t
+    dpatches = jnp.einsum('chwd,kd->chwk', ct_c, kernel)  # (c, h, w, s*s*C2)
+    outs = [_stem_bwd_one(*(a[i] for a in args), _unpatchify(dpatches[i], stride))
+            for i in range(c)]
+    grads = tuple(jnp.stack([g[j] for g, _ in outs]) for j in range(6))
+    return grads, jnp.stack([patchify(f, stride) for _, f in outs])
+
+  out = jax.lax.map(body, tuple(_chunked(a, c) for a in (x, mask, k1, b1, k2, b2, z2, ct)))
+  return jax.tree.map(_unchunked, out)
+
+
+@functools.cache
+def _loop_tokens_fn(stride):
+  primal = _batch_parallel(functools.partial(_tokens_loop, stride, False), n_batched=6)
+  forward = _batch_parallel(functools.partial(_tokens_loop, stride, True), n_batched=6)
+  backward = _batch_parallel(functools.partial(_tokens_bwd_loop, stride), n_batched=8)
+
+  @jax.custom_vjp
+  def tokens(*args):
+    return primal(*args)
+
+  def fwd(*args):
+    out, z2 = forward(*args)
+    return out, (args, z2)
+
+  def bwd(saved, ct):
+    (x, mask, k1, b1, k2, b2, kernel), z2 = saved
+    grads, patches = backward(x, mask, k1, b1, k2, b2, z2, ct, kernel)
+    # dkernel = patches^T ct summed over samples and tokens, computed as (ct^T patches)^T:
+    # XLA:CPU runs the (D, N) x (N, K) form in its fast matmul library and the
+    # transposed-operand form ((N, K)^T x (N, D)) in a ~2x slower generic dot. The
+    # barriers keep XLA from folding the transposes back into the dot.
+    d = ct.shape[-1]
+    ct_t = jax.lax.optimization_barrier(ct.reshape(-1, d).T)  # (D, N)
+    dkernel = jax.lax.optimization_barrier(ct_t @ patches.reshape(ct_t.shape[1], -1)).T
+    return (*grads, dkernel.astype(kernel.dtype))
+
+  tokens.defvjp(fwd, bwd)
+  return tokens
+
+
+def _loop_tokens(x, mask, k1, b1, k2, b2, kernel, stride):
+  return _loop_tokens_fn(stride)(x, mask, k1, b1, k2, b2, kernel)

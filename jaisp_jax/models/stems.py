@@ -86,6 +86,22 @@ def _stacked_init(in_axis):
       1.0, 'fan_in', 'truncated_normal', in_axis=in_axis, out_axis=-1, batch_axis=(0,))
 
 
+class _PatchEmbed(nn.Module):
+  """The parameters of the 'conv' stem's patch embedding, laid out as nn.Dense's
+  (kernel (K, D), lecun-normal; bias (D,), zeros) and applied by the caller."""
+
+  in_features: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    """(kernel, bias)."""
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (self.in_features, self.features), self.param_dtype)
+    return kernel, self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+
+
 class InstrumentStems(nn.Module):
   """The stems of all bands of ONE instrument (same pixel scale, same stride).
 
@@ -139,17 +155,22 @@ class InstrumentStems(nn.Module):
       take = lambda p: cast(jnp.take(p, band, axis=0))  # (G, ...) this sample's band
       # conv3x3 + GELU, conv3x3 + GELU, times the mask (masked pixels contribute
       # nothing to the tokens: GELU(bias) would otherwise paint a constant there),
-      # patchified: one fused per-sample loop on CPU (models/sample_conv.py).
-      patches = sample_conv.conv_stem(x, mask[..., 0], take(k1), take(b1), take(k2),
-                                      take(b2), s)  # (G, h, w, s*s*C)
+      # then the patch embedding shared by the instrument's bands (a stride-s conv,
+      # patchify + matmul; parameters as nn.Dense's, under 'patch_embed'). On CPU one
+      # fused loop over chunks of samples computes the stem AND the embedding, so the
+      # full-resolution features never exist as a batch (models/sample_conv.py).
+      kernel, bias = map(cast, _PatchEmbed(s * s * self.channels, self.embed_dim,
+                                           self.param_dtype, name='patch_embed')())
+      stem_args = (x, mask[..., 0], take(k1), take(b1), take(k2), take(b2))
       if return_features:
+        patches = sample_conv.conv_stem(*stem_args, s)  # (G, h, w, s*s*C)
         g, h, w, _ = patches.shape
         features = patches.reshape(g, h, w, s, s, self.channels).transpose(
             0, 1, 3, 2, 4, 5).reshape(g, h * s, w * s, self.channels)  # (G, H, W, C)
-      # Patch embedding shared by the instrument's bands: a stride-s conv written
-      # as patchify + matmul.
-      tokens = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name='patch_embed')(patches)  # (G, h, w, D)
+        tokens = jnp.einsum('ghwk,kd->ghwd', patches, kernel)
+      else:
+        tokens = sample_conv.stem_tokens(*stem_args, kernel, s)  # (G, h, w, D)
+      tokens = tokens + bias[None, None, None, :]
     elif self.kind == 'patch':
       kernel = self.param('patch_kernel', _stacked_init((1,)), (nb, s * s * 2, self.embed_dim),
                           self.param_dtype)
