@@ -69,6 +69,9 @@ def test_centroid_baseline_recovers_known_band_offsets():
   assert base['chip_level']['xcorr']['rms_mas'] < 10.0
   assert base['chip_level']['zero']['rms_mas'] > 30.0
   assert base['per_source']['centroid']['all']['median_mas'] < 10.0
+  # Bright stars: the noise floor of the per-chip centroid is far below the offsets.
+  assert base['chip_level']['centroid']['formal_rms_mas'] < 0.3 * base['chip_level']['zero'][
+      'rms_mas']
 
 
 SMALL = astrometry.AstrometryConfig(
@@ -89,6 +92,10 @@ def test_head_learns_offsets_from_informative_tokens(field):
   assert res['per_source']['head']['all']['rms_mas'] < 0.4 * zero
   # The same head on shuffled labels cannot beat doing nothing by much.
   assert res['per_source']['head_shuffled']['all']['rms_mas'] > 0.8 * zero
+  # The head moved off its initial (constant) state and its predictions vary.
+  assert res['head_fit']['head']['best_step'] > 0
+  assert res['head_fit']['head']['prediction_std_mas'] > 10.0
+  assert res['tile_level']['head']['rms_mas'] < res['tile_level']['head_shuffled']['rms_mas']
 
 
 def test_blind_representation_is_at_chance_and_flat(field):
@@ -97,6 +104,9 @@ def test_blind_representation_is_at_chance_and_flat(field):
   base = astrometry.baselines(field, SMALL)
   zero = base['per_source']['zero']['all']['rms_mas']
   assert res['per_source']['head']['all']['rms_mas'] > 0.8 * zero
+  # Tokens that ignore the image: whatever step early stopping keeps, the predictions
+  # cannot depend on the source (constant up to float noise).
+  assert res['head_fit']['head']['prediction_std_mas'] < 1.0
   sens = res['shift_sensitivity']
   assert sens['drop_at_100mas'] == pytest.approx(0.0, abs=1e-6)
   pixels = astrometry.shift_sensitivity(None, field, SMALL)

@@ -12,16 +12,24 @@ Estimators of delta_b (each returns a 2-vector in mas):
   centroid      classical: windowed centroids (sep.winpos, PSF-sized window) of the
                 catalogue sources in band b and in band r, both started at the source's
                 catalogue (WCS) position; per-source offset = position_b - position_r
-                on the sky; per chip the median over the chip's sources.
+                on the sky (failed where sep flags it or a centroid moves more than
+                `centroid_max_move_arcsec` from its start). Per chip (tile): the
+                inverse-variance weighted mean over its sources (`combine`), weights
+                1 / sigma^2 with sigma = the per-source expected error (background-
+                limited bound of both bands in quadrature, plus `sigma_floor_mas`).
   xcorr         classical, per chip: sub-pixel peak of the cross-correlation of the two
-                images (noise units; the finer instrument block-averaged onto the
-                coarser grid for cross-instrument pairs).
+                images within +-`xcorr_max_shift_arcsec` (noise units; for cross-
+                instrument pairs the coarser image DFT-interpolated onto the finer
+                grid); per tile the mean over its chips.
   head          learned, per source: a 2-layer MLP on the frozen tokens of band b and r
                 bilinearly sampled at the source, [t_b, t_r, t_b - t_r, band one-hot] ->
                 delta (mas). Trained on the probe-train chips with band b Fourier-shifted
                 by random known amounts s (|s| <= max_shift_mas per axis; label
                 delta_b + s), tested on unshifted probe-test chips. Per chip: the
-                S/N^2-weighted median of the chip's per-source predictions.
+                weighted mean of the chip's per-source predictions (as `centroid`).
+                ``head_fit``: the step early stopping kept (0 = the initial head, which
+                predicts the training mean whatever the features: then a trained and an
+                untrained model score identically) and the std of its predictions.
   head_shuffled the same head trained on permuted labels: the chance control (should
                 land near `zero`).
   register      NO head, per chip: band b is Fourier-shifted by -t for trial shifts t
@@ -32,10 +40,17 @@ Estimators of delta_b (each returns a 2-vector in mas):
 
 Figures (`stats`): ``rms_mas`` = sqrt(mean |e|^2) of the 2-D residual e = estimate -
 delta, ``median_mas`` = median |e|, ``n`` = number of estimates (per chip: (chip, band)
-pairs; per source: (source, band) pairs), ``n_failed`` = estimates the method could not
-make (counted as 0 in the figures). Per-source figures come for all sources, for
-isolated ones (no other source with S/N > 1 within `isolation_arcsec`) and by S/N bin
-(S/N = min over the two bands of `Truth.snr`).
+pairs; per tile: (tile, band) pairs; per source: (source, band) pairs), ``n_failed`` =
+estimates the method could not make (counted as 0 in the figures). ``chip_level``: one
+estimate per chip; ``tile_level``: one per simulated tile, from the sources of all its
+held-out chips (the simulator draws one offset per tile and band, so they share it):
+the largest area the data gives one offset for. Source-combining methods also give
+``formal_rms_mas``: the rms the estimates would have if every source's error were its
+sigma (the noise floor of the method on these chips: offsets much smaller than it
+cannot be measured); ``centroid_error_scale`` = robust std of the per-source centroid
+residuals in units of sigma (1 = errors at that floor). Per-source figures come for all
+sources, for isolated ones (no other source with S/N > 1 within `isolation_arcsec`) and
+by S/N bin (S/N = min over the two bands of `Truth.snr`).
 
 Shift sensitivity (diagnostic, needs no truth): mean token cosine between a view and
 its own copy Fourier-shifted by s mas along x (and along y; averaged), weighted by the
@@ -68,6 +83,9 @@ class AstrometryConfig:
   snr_bins: tuple[float, ...] = (5.0, 10.0, 20.0, 50.0, math.inf)
   isolation_arcsec: float = 2.0         # 'isolated': no S/N > 1 neighbour this close
   edge_arcsec: float = 1.0              # sources closer to a chip edge are left out
+  centroid_max_move_arcsec: float = 0.25  # a centroid further than this from its start fails
+  sigma_floor_mas: float = 20.0         # per-source error floor (blends, shapes) in weights
+  xcorr_max_shift_arcsec: float = 0.4   # cross-correlation peak searched within +-this
   train_fraction: float = 0.5           # share of sky regions for the probe-train chips
   split_seed: int = 0
   n_train_shifts: int = 4               # synthetic shifts per (train chip, band)
@@ -116,6 +134,18 @@ class _Sources:
   snr: np.ndarray        # min S/N of the two bands
   isolated: np.ndarray
   truth_mas: np.ndarray  # (K, 2) delta_b of the source's chip
+  sigma_mas: np.ndarray  # (K,) expected error of the source's offset per axis (below)
+
+
+def _position_sigma_mas(tr, rows, band_idx) -> np.ndarray:
+  """(K,) background-limited position error per axis (mas) of sources in one band: the
+  Cramer-Rao bound sqrt(2) s / (S/N) of a Gaussian of sigma s = sqrt(s_psf^2 + s_src^2)
+  (S/N the matched-filter `Truth.snr`). Real centroids do worse (blends, source noise,
+  non-Gaussian profiles): this sets relative weights and the `formal_rms_mas` figures."""
+  s_psf = tr.psf_fwhm_arcsec[tr.chip[rows], band_idx] / 2.3548
+  s_src = tr.size_arcsec[rows] / 1.1774
+  snr = np.maximum(tr.snr[rows, band_idx], 1e-3)
+  return np.sqrt(2.0) * np.hypot(s_psf, s_src) / snr * 1000.0
 
 
 def select_sources(heldout: heldout_lib.HeldOut, bands: list[str],
@@ -147,7 +177,10 @@ def select_sources(heldout: heldout_lib.HeldOut, bands: list[str],
       d = np.hypot(xs[near] - xs[s], ys[near] - ys[s])
       isolated[k] = not np.any(d < cfg.isolation_arcsec)
     delta = tr.offset_mas[tr.chip[rows], b] - tr.offset_mas[tr.chip[rows], r]
-    parts.append(_Sources(rows, tr.chip[rows], np.full(len(rows), j), snr[rows], isolated, delta))
+    sigma = np.sqrt(_position_sigma_mas(tr, rows, b)**2 + _position_sigma_mas(tr, rows, r)**2
+                    + cfg.sigma_floor_mas**2)
+    parts.append(_Sources(rows, tr.chip[rows], np.full(len(rows), j), snr[rows], isolated, delta,
+                          sigma))
   cat = lambda key: np.concatenate([getattr(p, key) for p in parts])  # noqa: E731
   return _Sources(*(cat(f.name) for f in dataclasses.fields(_Sources))) if parts else None
 
@@ -179,26 +212,60 @@ def _chip_pairs(heldout, bands, cfg):
           if heldout.band_valid[k, heldout.band_index(band)] and heldout.band_valid[k, r]]
 
 
-def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-  """Median of `values` with `weights` (the smallest v with >= half the weight at or below)."""
-  order = np.argsort(values)
-  cum = np.cumsum(weights[order])
-  return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+@dataclasses.dataclass
+class _Units:
+  """What one estimate covers: a chip ('chip' level) or every chip of a tile ('tile'
+  level: the simulator draws one offset per tile and band, so its chips share it)."""
+  group: np.ndarray   # (n_chips,) group of each chip
+  units: list         # [(group, j)] estimated pairs
+  truth: np.ndarray   # (U, 2) delta_b of each unit
+  members: list       # [indices into `pairs`] of each unit
 
 
-def _chip_median(values: np.ndarray, src: _Sources, pairs, ok: np.ndarray):
-  """Per (chip, band) pair: S/N^2-weighted median of the sources' estimates per axis
-  ((0, 0) and failed where the chip has none). Per-source errors scale as 1 / S/N."""
-  est = np.zeros((len(pairs), 2))
-  failed = np.zeros(len(pairs), bool)
-  weight = np.minimum(src.snr, 200.0) ** 2
+def _units(heldout, bands, pairs, cfg, level: str) -> _Units:
+  if level == 'chip':
+    group = np.arange(heldout.n_chips)
+  else:
+    group = np.unique(heldout.tile, return_inverse=True)[1].reshape(-1)
+  units = sorted({(int(group[k]), j) for k, j in pairs})
+  index = {u: i for i, u in enumerate(units)}
+  members = [[] for _ in units]
+  truth = np.zeros((len(units), 2))
   for p, (k, j) in enumerate(pairs):
-    sel = (src.chip == k) & (src.band == j) & ok
+    i = index[(int(group[k]), j)]
+    members[i].append(p)
+    truth[i] = _chip_truth(heldout, bands[j], cfg)[k]
+  return _Units(group, units, truth, members)
+
+
+def combine(values: np.ndarray, src: _Sources, units: _Units, ok: np.ndarray):
+  """Per unit (chip or tile, band): inverse-variance weighted mean of its sources'
+  offsets, weights 1 / sigma_mas^2 (bright, compact sources count most; a plain median
+  gives the many faint ones the say). Returns (est (U, 2) mas, failed (U,): no usable
+  source, formal (U,): the mean's expected error per axis, 1 / sqrt(sum of weights))."""
+  est = np.zeros((len(units.units), 2))
+  failed = np.zeros(len(units.units), bool)
+  formal = np.full(len(units.units), np.nan)
+  weight = 1.0 / np.maximum(src.sigma_mas, 1e-6) ** 2
+  group = units.group[src.chip]
+  for u, (g, j) in enumerate(units.units):
+    sel = (group == g) & (src.band == j) & ok
     if sel.any():
-      est[p] = [weighted_median(values[sel, a], weight[sel]) for a in (0, 1)]
+      est[u] = np.sum(weight[sel, None] * values[sel], axis=0) / np.sum(weight[sel])
+      formal[u] = 1.0 / np.sqrt(np.sum(weight[sel]))
     else:
-      failed[p] = True
-  return est, failed
+      failed[u] = True
+  return est, failed, formal
+
+
+def _unit_stats(est, failed, formal, units: _Units) -> dict[str, float]:
+  """`stats` of (est - truth) (failed units count as estimate 0), plus `formal_rms_mas`:
+  the rms the estimates would have if every source's error were its `sigma_mas`."""
+  out = stats(np.where(failed[:, None], 0.0, est) - units.truth, int(failed.sum()))
+  good = ~failed
+  out['formal_rms_mas'] = float(np.sqrt(2 * np.mean(formal[good] ** 2))) if good.any() else float(
+      'nan')
+  return out
 
 
 # -- classical baselines ----------------------------------------------------------------
@@ -226,6 +293,9 @@ def centroid_offsets(heldout: heldout_lib.HeldOut, bands: list[str], src: _Sourc
         y0 = tr.y[rows, idx] - tr.offset_mas[k, idx, 1] / (1000 * scale)
         sigma = max(tr.psf_fwhm_arcsec[k, idx] / 2.3548 / scale, 0.5)
         x, y, good = classical.windowed_centroids(image[0], x0, y0, sigma, mask[0])
+        # Offsets are a small fraction of the PSF: a centroid that wandered further was
+        # pulled by a neighbour or by noise.
+        good &= np.hypot(x - x0, y - y0) * scale < cfg.centroid_max_move_arcsec
         pos[name] = (_sky(x, scale), _sky(y, scale), good)
       xb, yb, gb = pos[band]
       xr, yr, gr = pos[ref]
@@ -236,21 +306,55 @@ def centroid_offsets(heldout: heldout_lib.HeldOut, bands: list[str], src: _Sourc
 
 def xcorr_offsets(heldout: heldout_lib.HeldOut, bands: list[str], pairs,
                   cfg: AstrometryConfig) -> np.ndarray:
-  """(P, 2) mas: cross-correlation offset of band j to the reference per (chip, j) pair."""
+  """(P, 2) mas: cross-correlation offset of band j to the reference per (chip, j) pair.
+
+  Cross-instrument pairs are compared on the FINER grid: the coarser (well-sampled,
+  ground-based) image is DFT-interpolated onto it. Block-averaging the finer image
+  instead aliases its undersampled sub-pixel structure (Euclid VIS: 0.17" PSF in 0.1"
+  pixels) and biases the peak: a 150 mas shift of VIS then read as ~115 mas.
+  """
   ref = cfg.reference_band
   ref_scale = heldout.pixel_scale(ref)
   est = np.zeros((len(pairs), 2))
   for p, (k, j) in enumerate(pairs):
     band = bands[j]
     scale = heldout.pixel_scale(band)
-    img_b = heldout.view(band, 'noise', [k])[0][0] * heldout.view(band, 'noise', [k])[2][0]
-    img_r = heldout.view(ref, 'noise', [k])[0][0] * heldout.view(ref, 'noise', [k])[2][0]
-    coarse = max(scale, ref_scale)
-    img_b = classical.bin_to(img_b, int(round(coarse / scale)))
-    img_r = classical.bin_to(img_r, int(round(coarse / ref_scale)))
-    dx, dy = classical.xcorr_shift(img_b, img_r)
-    est[p] = np.array([dx, dy]) * coarse * 1000.0
+    img_b, _, mask_b = heldout.view(band, 'noise', [k])
+    img_r, _, mask_r = heldout.view(ref, 'noise', [k])
+    fine = min(scale, ref_scale)
+    img_b = classical.upsample_to(img_b[0] * mask_b[0], int(round(scale / fine)))
+    img_r = classical.upsample_to(img_r[0] * mask_r[0], int(round(ref_scale / fine)))
+    dx, dy = classical.xcorr_shift(img_b, img_r, max_shift_px=cfg.xcorr_max_shift_arcsec / fine)
+    est[p] = np.array([dx, dy]) * fine * 1000.0
   return est
+
+
+def _mean_over_units(est_pairs: np.ndarray, units: _Units) -> np.ndarray:
+  """(U, 2) plain mean of per-pair estimates over each unit's chips."""
+  return np.array([est_pairs[m].mean(axis=0) for m in units.members]).reshape(-1, 2)
+
+
+def _pull(values, ok, src) -> float:
+  """Robust std (1.4826 MAD) of the per-source residuals in units of `sigma_mas`: how
+  far the real errors exceed the background-limited bound (1 = at the bound)."""
+  z = ((values - src.truth_mas) / src.sigma_mas[:, None])[ok]
+  return float(1.4826 * np.median(np.abs(z))) if z.size else float('nan')
+
+
+def classical_estimates(heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = AstrometryConfig(),
+                        level: str = 'chip') -> dict[str, Any]:
+  """The classical estimates of delta_b on ALL chips of `heldout` (no split), per unit
+  of `level` ('chip' or 'tile'): {'units': [(chip or tile number, band)], 'bands',
+  'truth', 'centroid', 'xcorr': (U, 2) mas, 'centroid_failed': (U,) bool}."""
+  bands = _bands(heldout, cfg)
+  src = select_sources(heldout, bands, cfg)
+  pairs = _chip_pairs(heldout, bands, cfg)
+  units = _units(heldout, bands, pairs, cfg, level)
+  cen, ok = centroid_offsets(heldout, bands, src, cfg)
+  est, failed, _ = combine(cen, src, units, ok)
+  xc = _mean_over_units(xcorr_offsets(heldout, bands, pairs, cfg), units)
+  return {'units': units.units, 'bands': bands, 'truth': units.truth, 'centroid': est,
+          'centroid_failed': failed, 'xcorr': xc}
 
 
 def baselines(heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = AstrometryConfig()
@@ -262,22 +366,28 @@ def baselines(heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = AstrometryCo
     return {'skipped': f'no band to measure against {cfg.reference_band} in the data'}
   src = select_sources(test, bands, cfg)
   pairs = _chip_pairs(test, bands, cfg)
-  truth = np.array([_chip_truth(test, bands[j], cfg)[k] for k, j in pairs]).reshape(-1, 2)
   cen, ok = centroid_offsets(test, bands, src, cfg)
-  cen_chip, cen_fail = _chip_median(cen, src, pairs, ok)
   xc = xcorr_offsets(test, bands, pairs, cfg)
   per_source_zero = binned(src.truth_mas, np.zeros(len(src.rows), bool), src, cfg)
   cen_res = np.where(ok[:, None], cen - src.truth_mas, -src.truth_mas)
-  return {
-      'chip_level': {'zero': stats(truth), 'centroid': stats(cen_chip - truth, int(cen_fail.sum())),
-                     'xcorr': stats(xc - truth)},
+  out = {
       'per_source': {'zero': per_source_zero, 'centroid': binned(cen_res, ~ok, src, cfg)},
-      'truth_offsets_mas': {'rms': stats(truth)['rms_mas'], 'max_abs': float(
-          np.max(np.abs(truth))) if truth.size else float('nan')},
+      'centroid_error_scale': _pull(cen, ok, src),
       'n_test_chips': test.n_chips, 'n_chip_estimates': len(pairs),
       'n_sources': int(len(src.rows)), 'n_isolated': int(src.isolated.sum()),
       'bands': bands, 'reference_band': cfg.reference_band,
   }
+  for level in ('chip', 'tile'):
+    units = _units(test, bands, pairs, cfg, level)
+    if level == 'chip':
+      out['truth_offsets_mas'] = {'rms': stats(units.truth)['rms_mas'], 'max_abs': float(
+          np.max(np.abs(units.truth))) if units.truth.size else float('nan')}
+    out[f'n_{level}_estimates'] = len(units.units)
+    out[f'{level}_level'] = {
+        'zero': stats(units.truth),
+        'centroid': _unit_stats(*combine(cen, src, units, ok), units),
+        'xcorr': stats(_mean_over_units(xc, units) - units.truth)}
+  return out
 
 
 # -- learned head ----------------------------------------------------------------------
@@ -450,8 +560,9 @@ def run(model: Any, heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = Astrom
   x_tr, y_tr, g_tr, _ = _head_examples(embed, train, bands, cfg, cfg.n_train_shifts, rng)
   x_te, _, _, src = _head_examples(embed, test, bands, cfg, 0, rng)
   pairs = _chip_pairs(test, bands, cfg)
+  levels = {level: _units(test, bands, pairs, cfg, level) for level in ('chip', 'tile')}
   truth = np.array([_chip_truth(test, bands[j], cfg)[k] for k, j in pairs]).reshape(-1, 2)
-  out: dict[str, Any] = {'chip_level': {}, 'per_source': {},
+  out: dict[str, Any] = {'chip_level': {}, 'tile_level': {}, 'per_source': {}, 'head_fit': {},
                          'n_train_examples': int(x_tr.shape[0])}
   ok = np.ones(len(src.rows), bool)
   for name, shuffle in (('head', False), ('head_shuffled', True)):
@@ -461,9 +572,13 @@ def run(model: Any, heldout: heldout_lib.HeldOut, cfg: AstrometryConfig = Astrom
       continue
     head = heads.fit(x_tr, y_tr, cfg.head, shuffle_labels=shuffle, groups=g_tr)
     pred = head.predict(x_te)
+    # best_step 0: early stopping kept the initial head, which predicts the training
+    # mean whatever the features (then a trained and an untrained model score the same).
+    out['head_fit'][name] = {'best_step': int(head.best_step),
+                             'prediction_std_mas': float(np.mean(np.std(pred, axis=0)))}
     out['per_source'][name] = binned(pred - src.truth_mas, ~ok, src, cfg)
-    est, failed = _chip_median(pred, src, pairs, ok)
-    out['chip_level'][name] = stats(est - truth, int(failed.sum()))
+    for level, units in levels.items():
+      out[f'{level}_level'][name] = _unit_stats(*combine(pred, src, units, ok), units)
   # Registration without a head on the first `register_max_chips` test chips.
   ref = cfg.reference_band
   reg_chips = set(range(min(cfg.register_max_chips, test.n_chips)))

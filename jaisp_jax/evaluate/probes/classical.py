@@ -8,6 +8,9 @@
   3x3 pyramid filter, deblending) on noise-unit images.
 * `aperture_flux`: sep.sum_circle.
 * `bin_to`: block-average a finer instrument's image onto a coarser pixel grid.
+* `upsample_to`: band-limited (DFT) interpolation of a coarser instrument's image onto a
+  finer pixel grid (for well-sampled images; binning an undersampled one instead aliases
+  its sub-pixel structure, which biases a cross-correlation).
 
 All positions are 0-based pixel coordinates with pixel centres at integers (sep's too).
 sep (1.4.1) is a dependency of the evaluation suite.
@@ -54,6 +57,21 @@ def bin_to(image: np.ndarray, factor: int) -> np.ndarray:
   h, w = hgt // factor, wid // factor
   a = np.asarray(image)[..., :h * factor, :w * factor]
   return a.reshape(*lead, h, factor, w, factor).mean(axis=(-3, -1))
+
+
+def upsample_to(image: np.ndarray, factor: int) -> np.ndarray:
+  """(H, W) -> (f H, f W): the image's trigonometric interpolant sampled at the pixel
+  centres of a grid `factor` times finer covering the same area (fine pixel j sits at
+  coarse coordinate (j + 0.5) / f - 0.5, the inverse of `bin_to`'s geometry). Periodic."""
+  if factor == 1:
+    return np.asarray(image)
+  a = np.asarray(image, np.float64)
+  hgt, wid = a.shape
+  uy = (np.arange(hgt * factor) + 0.5) / factor - 0.5
+  ux = (np.arange(wid * factor) + 0.5) / factor - 0.5
+  ey = np.exp(2j * np.pi * np.outer(uy, np.fft.fftfreq(hgt)))  # (f H, H)
+  ex = np.exp(2j * np.pi * np.outer(ux, np.fft.fftfreq(wid)))  # (f W, W)
+  return np.real(ey @ np.fft.fft2(a) @ ex.T) / (hgt * wid)
 
 
 def _dft_grid(cps: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:

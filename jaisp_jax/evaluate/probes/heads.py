@@ -109,6 +109,9 @@ class Head:
   y_mean: np.ndarray
   y_std: np.ndarray
   final_loss: float
+  # Optimiser steps of the kept parameters: 0 = validation never improved on the
+  # initial head (a constant prediction: the training mean), whatever the features.
+  best_step: int = -1
 
   def predict(self, x: np.ndarray) -> np.ndarray:
     xs = (np.asarray(x, np.float32) - self.mean) / self.std
@@ -176,15 +179,17 @@ def fit(x: np.ndarray, y: np.ndarray, config: HeadConfig = HeadConfig(), *,
   params = _init(jax.random.key(config.seed), x.shape[1], y.shape[1], config.hidden)
   opt_state = tx.init(params)
   has_val = bool(val.any())
-  best = (float(val_loss(params, xv, yv, args)) if has_val else np.inf, params)
+  best = (float(val_loss(params, xv, yv, args)) if has_val else np.inf, params, 0)
   train_loss = np.nan
-  for _ in range(max(1, config.steps // every)):
+  n_chunks = max(1, config.steps // every)
+  for c in range(n_chunks):
     (params, opt_state), losses = chunk(params, opt_state, xs, ys, args)
     train_loss = float(losses[-1])
     if has_val:
       v = float(val_loss(params, xv, yv, args))
       if v < best[0]:
-        best = (v, params)
+        best = (v, params, (c + 1) * every)
+  best_step = n_chunks * every
   if has_val:
-    params = best[1]
-  return Head(jax.device_get(params), mean, std, y_mean, y_std, train_loss)
+    params, best_step = best[1], best[2]
+  return Head(jax.device_get(params), mean, std, y_mean, y_std, train_loss, best_step)
