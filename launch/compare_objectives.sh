@@ -5,7 +5,7 @@
 #
 # Usage: bash launch/compare_objectives.sh [--dry-run] [WORKDIR] [options] [--config.x=y ...]
 #   WORKDIR            default runs/compare
-#   --steps N          optimizer steps per variant (default 300, the smoke budget)
+#   --steps N          optimizer steps per variant (default 600, the smoke budget)
 #   --size S           config size preset (default smoke)
 #   --tiles N          simulated tile pairs of the shared field (default 48)
 #   --variants a,b,..  subset of: jepa two_view detr_jepa clip masked_band jepa_recon jepa_shift
@@ -21,7 +21,7 @@ parse_dry_run "$@"
 mapfile -d '' args < <(strip_dry_run "$@")
 
 W=runs/compare
-STEPS=300
+STEPS=600
 SIZE=smoke
 TILES=48
 MAX_CHIPS=64
@@ -52,6 +52,18 @@ while [ $i -lt ${#args[@]} ]; do
   i=$((i + 1))
 done
 
+pairs_per_batch() {  # config[:size] -> its data.pairs_per_batch
+  if [ "$DRY_RUN" = 1 ]; then echo PAIRS; return; fi
+  python - "$1" <<'EOF'
+import importlib.util, sys
+path, _, size = sys.argv[1].partition(':')
+spec = importlib.util.spec_from_file_location('cfg', path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+print(mod.get_config(size or None).data.pairs_per_batch)
+EOF
+}
+
 # variant -> config file and the flags that make it (hybrids are jepa + an auxiliary).
 config_of() {
   case "$1" in
@@ -62,7 +74,9 @@ config_of() {
 }
 flags_of() {
   case "$1" in
-    jepa_recon) echo --config.model.recon.enabled=True ;;
+    # The hybrid reconstructs hidden bands of all-band chips: one chip per pair.
+    jepa_recon) echo --config.model.recon.enabled=True \
+                  --config.data.chips_per_batch="$(pairs_per_batch configs/jepa.py:"$SIZE")" ;;
     jepa_shift) echo --config.model.shift.enabled=True ;;
     *) echo ;;
   esac

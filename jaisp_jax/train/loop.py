@@ -68,6 +68,12 @@ class Trainer:
   """The pieces of a run that depend only on the config (shared by train, eval, export)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    if config.model.recon.enabled and config.data.chips_per_batch <= 0:
+      # The reconstruction term needs all-band chips (batch['chips']); without them it
+      # would silently be off and the run would be plain JEPA under another name.
+      raise UserError('model.recon.enabled=True reconstructs hidden bands of all-band chips: '
+                      'set data.chips_per_batch > 0 (e.g. --config.data.chips_per_batch='
+                      f'{config.data.pairs_per_batch})')
     self.config = config
     self.registry = bands_lib.BandRegistry.from_config(config.bands)
     self.mesh = sharding.make_mesh(config) if mesh is None else mesh
