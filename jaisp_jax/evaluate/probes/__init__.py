@@ -30,12 +30,17 @@ Schema of `run_probes` (version in 'schema'; NaN / inf become None):
    'heldout': {'source', 'n_chips', 'has_truth', 'pixel_unit', 'notes'},
    'skipped': {probe: reason},                  # probes not run (e.g. no truth)
    'seconds': {probe: wall seconds},
-   'astrometry': {'config', 'baselines': {'chip_level': {'zero', 'centroid', 'xcorr':
-                    stats}, 'per_source': {'zero', 'centroid': binned}, 'pixels_shift_
-                    sensitivity', 'truth_offsets_mas', 'n_*', 'bands', 'reference_band'},
-                  'models': {name: {'chip_level': {'head', 'head_shuffled', 'register':
-                    stats}, 'per_source': {'head', 'head_shuffled': binned},
-                    'shift_sensitivity', 'n_train_examples'}}},
+   'astrometry': {'config', 'baselines': {'chip_level', 'tile_level' (the chips of a
+                    tile share its offset): {'zero', 'centroid', 'xcorr': stats},
+                    'per_source': {'zero', 'centroid': binned}, 'pixels_shift_
+                    sensitivity', 'truth_offsets_mas', 'centroid_error_scale', 'n_*'
+                    (incl. n_tile_estimates), 'bands', 'reference_band'},
+                  'models': {name: {'chip_level', 'tile_level': {'head', 'head_shuffled',
+                    'register': stats}, 'per_source': {'head', 'head_shuffled': binned},
+                    'head_fit': {'best_step' (0 = early stopping kept the untrained,
+                    constant head), 'prediction_std_mas', ...}, 'shift_sensitivity',
+                    'n_train_examples'}}},
+       centroid stats also carry 'formal_rms_mas' (the noise floor of the estimate);
        stats = {'rms_mas', 'median_mas', 'n', 'n_failed'};
        binned = {'all': stats, 'isolated': stats, 'snr_bins': [{'snr_lo', 'snr_hi',
                  **stats}]};
