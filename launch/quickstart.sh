@@ -3,7 +3,7 @@
 # simulate -> validate -> build the TFDS dataset -> train (smoke config) -> checkpoint
 # -> export -> embed held-out sky and say whether anything was learned, next to the
 # untrained encoder, chance and a classical (non-learned) baseline on the same held-out
-# chips. About 4 min on 2 idle cores (docs/experiments/smoke_learning.md).
+# chips. About 2-4 min on 2 cores (docs/experiments/smoke_learning.md).
 # Usage: bash launch/quickstart.sh [WORKDIR] [--config.x=y ...]   (default WORKDIR: runs/quickstart)
 # Re-running resumes training from WORKDIR/train (delete WORKDIR to start over).
 set -euo pipefail
