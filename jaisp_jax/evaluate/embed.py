@@ -50,19 +50,24 @@ def classical_grid_fn(registry: bands_lib.BandRegistry, token_arcsec: float):
   return embed
 
 
-def _retrieval(embed, chips, config, registry) -> dict[str, float]:
-  q = online_eval.embed_band(embed, chips, config.eval.query_band, registry)
-  g = online_eval.embed_band(embed, chips, config.eval.gallery_band, registry)
+def _top_k(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
   return {'retrieval_top1': online_eval.retrieval_top_k(q, g, 1),
           'retrieval_top5': online_eval.retrieval_top_k(q, g, 5)}
 
 
-def _tokens(rep_fn):
-  """embed function of the flattened token grid (B, N*D) from get_representation."""
-  def embed(image, rms, band):
-    t = np.asarray(rep_fn(image, rms, band)['tokens'], np.float32)
-    return t.reshape(t.shape[0], -1)
-  return embed
+def _global_and_tokens(rep, chips, band, registry) -> tuple[np.ndarray, np.ndarray]:
+  """(global (N, D), flattened token grid (N, T*D)) of one band: one forward pass for both."""
+  width = {}
+
+  def embed(image, rms, b):
+    out = rep.get_representation(image, rms, b)
+    glob = np.asarray(out['global'], np.float32)
+    tokens = np.asarray(out['tokens'], np.float32)
+    width['global'] = glob.shape[1]
+    return np.concatenate([glob, tokens.reshape(len(tokens), -1)], axis=1)
+
+  both = online_eval.embed_band(embed, chips, band, registry)
+  return both[:, :width['global']], both[:, width['global']:]
 
 
 def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
@@ -81,14 +86,16 @@ def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
   chips = online_eval.collect_chips(config, registry, trainer.batch_sharding)
 
   init = inference.from_params(inference.init_params(config), config, registry)
+  query, gallery = config.eval.query_band, config.eval.gallery_band
   figures = {}
   for key, rep in (('trained', bundle), ('init', init)):
-    figures[key] = online_eval.evaluate(lambda i, r, b: rep.get_representation(i, r, b)['global'],
-                                        chips, config, registry)
-    figures[key]['token_grid'] = _retrieval(_tokens(rep.get_representation), chips, config,
-                                            registry)
-  classical = _retrieval(classical_grid_fn(registry, config.model.token_arcsec), chips, config,
-                         registry)
+    q_global, q_tokens = _global_and_tokens(rep, chips, query, registry)
+    g_global, g_tokens = _global_and_tokens(rep, chips, gallery, registry)
+    figures[key] = online_eval.figures(q_global, g_global)
+    figures[key]['token_grid'] = _top_k(q_tokens, g_tokens)
+  grid = classical_grid_fn(registry, config.model.token_arcsec)
+  classical = _top_k(online_eval.embed_band(grid, chips, query, registry),
+                     online_eval.embed_band(grid, chips, gallery, registry))
   return {
       **figures, 'classical_grid': classical,
       'query_band': config.eval.query_band, 'gallery_band': config.eval.gallery_band,

@@ -107,8 +107,12 @@ def retrieval_top_k(query: np.ndarray, gallery: np.ndarray, k: int = 1) -> float
 def evaluate(embed: EmbedFn, chips: dict, config: ml_collections.ConfigDict,
              registry: bands_lib.BandRegistry) -> dict[str, float]:
   """Retrieval and rank figures of an embedding function on held-out `chips`."""
-  q = embed_band(embed, chips, config.eval.query_band, registry)
-  g = embed_band(embed, chips, config.eval.gallery_band, registry)
+  return figures(embed_band(embed, chips, config.eval.query_band, registry),
+                 embed_band(embed, chips, config.eval.gallery_band, registry))
+
+
+def figures(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
+  """Retrieval and rank figures of (N, D) query and gallery embeddings (row i = chip i)."""
   z = jnp.asarray(np.concatenate([q, g]))
   n = q.shape[0]
   return {
