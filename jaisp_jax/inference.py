@@ -63,7 +63,7 @@ def init_params(config: ml_collections.ConfigDict, seed: int | None = None) -> A
   from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
   trainer = loop.Trainer(config)
   seed = config.seed if seed is None else seed
-  return jax.device_get(jax.jit(trainer.init_state)(jax.random.key(seed)).ema_params)
+  return jax.device_get(trainer.jit(trainer.init_state)(jax.random.key(seed)).ema_params)
 
 
 def _merge(into: dict, saved: dict) -> dict:

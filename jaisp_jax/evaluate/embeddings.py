@@ -85,13 +85,14 @@ class PixelBaseline:
 def _pixel_inputs_fn(stride: int, snr_threshold: float, softness: float):
   import jax  # pylint: disable=import-outside-toplevel
   from jaisp_jax.models import infomap  # pylint: disable=import-outside-toplevel
+  from jaisp_jax import xla_options  # pylint: disable=import-outside-toplevel
   from jaisp_jax.models import jaisp  # pylint: disable=import-outside-toplevel
 
   def fn(image, rms):  # (B, H, W) each
     img, sig, mask = jaisp.normalise_view(image, rms)
     pw, tw = infomap.information_map(img, sig, mask, stride, snr_threshold, softness)
     return img, pw, tw
-  return jax.jit(fn)
+  return xla_options.jit(fn)
 
 
 def _pixel_inputs(image, rms, stride, snr_threshold, softness):

@@ -57,6 +57,7 @@ import ml_collections
 import numpy as np
 
 from jaisp_jax import bands as bands_lib
+from jaisp_jax import xla_options
 from jaisp_jax.models import decoder as decoder_lib
 from jaisp_jax.models import detr as detr_lib
 from jaisp_jax.models import infomap
@@ -502,7 +503,7 @@ def _representation_fn(model_config, registry: bands_lib.BandRegistry, instrumen
       res['embedding'] = out['embedding']
     return res
 
-  return jax.jit(fn)
+  return xla_options.jit(fn)
 
 
 def get_representation(variables, image, rms, band, model_config, registry=None, *,

@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3        # newest checkpoints kept
   c.max_consecutive_skips = 10  # stop after this many non-finite steps in a row
   c.profile_steps = 0           # >0: clu Profile traces this many steps after step 10
+  c.cpu_convolutions = 'xla'    # on CPU: 'xla' (XLA's kernels, faster here) or 'ynnpack'
+                                # (jaxlib's default); jaisp_jax/xla_options.py
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4             # peak AdamW learning rate (seeds: 3e-4)

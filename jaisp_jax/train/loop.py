@@ -31,6 +31,7 @@ import numpy as np
 from clu import periodic_actions
 
 from jaisp_jax import bands as bands_lib
+from jaisp_jax import xla_options
 from jaisp_jax.cli import UserError
 from jaisp_jax.data import batch as batch_lib
 from jaisp_jax.data import pipeline
@@ -98,7 +99,7 @@ class Trainer:
     return with_sh, shardings
 
   def fresh_state(self, shardings) -> state_lib.TrainState:
-    init = jax.jit(self.init_state, out_shardings=shardings)
+    init = self.jit(self.init_state, out_shardings=shardings)
     return init(jax.random.key(self.config.seed))
 
   def jitted_step(self, shardings):
@@ -106,9 +107,14 @@ class Trainer:
         step_lib.train_step, loss_fn=losses.make_loss_fn(self.model, self.config, self.registry),
         tx=self.tx, schedule=self.schedule, ema=self.config.ema,
         total_steps=self.config.total_steps)
-    return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
-                   out_shardings=(shardings, sharding.replicated(self.mesh)),
-                   donate_argnums=0)
+    return self.jit(step, in_shardings=(shardings, self.batch_sharding),
+                    out_shardings=(shardings, sharding.replicated(self.mesh)),
+                    donate_argnums=0)
+
+  def jit(self, fn, **kwargs):
+    """`jax.jit` with the compiler options of the mesh's platform (jaisp_jax.xla_options)."""
+    return xla_options.jit(fn, platform=xla_options.mesh_platform(self.mesh),
+                           cpu_convolutions=self.config.cpu_convolutions, **kwargs)
 
 
 def band_usage_fn(registry: bands_lib.BandRegistry):
