@@ -23,6 +23,12 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter (TF is imported by TFDS and clu's writer).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+if __name__ == '__main__':
+  # Huge pages for the host heap: restarts this command once, before the heavy imports
+  # (jaisp_jax/hugepages.py).
+  from jaisp_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec()
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -28,6 +28,12 @@ from typing import Any, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TFDS / grain import TensorFlow
 
+if __name__ == '__main__':
+  # Huge pages for the host heap: restarts this command once, before the heavy imports
+  # (jaisp_jax/hugepages.py).
+  from jaisp_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec()
+
 from jaisp_jax import cli  # pylint: disable=g-import-not-at-top
 
 

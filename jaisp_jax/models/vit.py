@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaisp_jax.models import activations
+
 Dtype = Any
 
 # Linear layers of the trunk use the reference's init (trunc-normal, std 0.02).
@@ -91,7 +93,7 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Dense(hidden) -> GELU -> Dense(out)."""
+  """Dense(hidden) -> GELU (exact, erf form: models/activations.py) -> Dense(out)."""
 
   hidden: int
   out: int
@@ -101,7 +103,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
-    x = nn.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x), approximate=False)
+    x = activations.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x))
     return nn.Dense(self.out, name='fc2', **kw)(x)
 
 
