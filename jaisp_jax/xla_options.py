@@ -1,8 +1,10 @@
 """XLA compiler options the project compiles its programs with, per platform.
 
-Every jitted program of training, evaluation and inference goes through `jit` (or
-passes `compiler_options(...)` to `jax.jit` itself), so that a platform-specific
-choice is made in one place and recorded in the config (`config.cpu_convolutions`).
+Every jitted program that runs the model (the train step and state init through
+`Trainer.jit`, the inference / evaluation forward passes through `jit`) takes these
+options, so that a platform-specific choice is made in one place and recorded in the
+config (`config.cpu_convolutions`). Small host-side helpers without convolutions
+(probe heads, metrics) keep plain `jax.jit`.
 
 CPU convolutions. jaxlib (0.10) hands convolutions to YNNPACK by default. On the CPUs
 measured here XLA's own multi-threaded convolution kernels are faster for the band

@@ -95,10 +95,6 @@ def _dispatch(loop_fn, im2col_fn, *args):
   return jax.lax.platform_dependent(*args, cpu=loop_fn, default=im2col_fn)
 
 
-_gelu = activations.gelu
-_gelu_and_grad = activations.gelu_and_grad
-
-
 def patchify(x: jax.Array, stride: int) -> jax.Array:
   """(..., H, W, C) -> (..., H/s, W/s, s*s*C), patch pixels in (dy, dx, c) order."""
   *lead, hgt, wid, c = x.shape
@@ -167,8 +163,9 @@ def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
   """`conv_stem` from `conv3x3_im2col` and element-wise passes."""
-  h = _gelu(conv3x3_im2col(x, k1) + b1[:, None, None, :])
-  f = _gelu(conv3x3_im2col(h, k2) + b2[:, None, None, :]) * mask[..., None].astype(h.dtype)
+  h = activations.gelu(conv3x3_im2col(x, k1) + b1[:, None, None, :])
+  f = activations.gelu(conv3x3_im2col(h, k2) + b2[:, None, None, :])
+  f = f * mask[..., None].astype(h.dtype)
   return patchify(f, stride)
 
 
@@ -211,8 +208,8 @@ def _stem_fwd_one(x, mask, k1, b1, k2, b2):
   z1 = conv1(x) is not saved: the backward recomputes it (2 input channels, ~3% of
   the stem's FLOPs), which saves a (G, H, W, C1) buffer written and read per step.
   """
-  z2 = _conv_one_raw(_gelu(_z1(x, k1, b1)), k2) + b2[None, None, :]  # (H, W, C2)
-  return _gelu(z2) * mask[..., None].astype(z2.dtype), z2
+  z2 = _conv_one_raw(activations.gelu(_z1(x, k1, b1)), k2) + b2[None, None, :]  # (H, W, C2)
+  return activations.gelu(z2) * mask[..., None].astype(z2.dtype), z2
 
 
 def _stem_one(x, mask, k1, b1, k2, b2):
@@ -223,10 +220,10 @@ def _stem_bwd_one(x, mask, k1, b1, k2, b2, z2, df):
   """Gradients of one sample's stem w.r.t. (x, mask, k1, b1, k2, b2), and its features."""
   del b2
   m = mask[..., None].astype(df.dtype)
-  a2, d2 = _gelu_and_grad(z2)
+  a2, d2 = activations.gelu_and_grad(z2)
   g2 = d2 * (df * m)  # d z2, (H, W, C2)
   dmask = jnp.sum(df * a2, axis=-1).astype(mask.dtype)
-  h1, d1 = _gelu_and_grad(_z1(x, k1, b1))
+  h1, d1 = activations.gelu_and_grad(_z1(x, k1, b1))
   dh1, dk2 = _conv_one_bwd(h1, k2, g2)
   g1 = d1 * dh1  # d z1, (H, W, C1)
   dx, dk1 = _conv_one_bwd(x, k1, g1)
