@@ -60,8 +60,8 @@ def from_params(params: Any, config: ml_collections.ConfigDict,
 def init_params(config: ml_collections.ConfigDict, seed: int | None = None) -> Any:
   """Parameters of `config`'s architecture at initialisation (the untrained baseline)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
-  trainer = loop.Trainer(config)
+  from jaisp_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  trainer = trainer_lib.Trainer(config)
   seed = config.seed if seed is None else seed
   return jax.device_get(trainer.jit(trainer.init_state)(jax.random.key(seed)).ema_params)
 

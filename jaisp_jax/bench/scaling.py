@@ -30,7 +30,7 @@ from jaisp_jax import bands as bands_lib
 from jaisp_jax.bench import configs
 from jaisp_jax.bench import step as step_lib
 from jaisp_jax.cli import UserError
-from jaisp_jax.train import loop
+from jaisp_jax.train import trainer as trainer_lib
 
 
 def make_mesh(n: int, fsdp: int) -> Mesh:
@@ -92,7 +92,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
-def state_bytes_per_device(trainer: loop.Trainer) -> dict[str, float]:
+def state_bytes_per_device(trainer: trainer_lib.Trainer) -> dict[str, float]:
   """Bytes per device of params / ema_params / opt_state (and unsharded totals)."""
   abstract, shardings = trainer.abstract_state()
   out = {}
@@ -114,7 +114,7 @@ def memory(args, overrides, n: int, log=print) -> dict[str, Any]:
   rows = []
   for fsdp in sorted({1, n}):
     mesh = make_mesh(n, fsdp)
-    trainer = loop.Trainer(config, mesh=mesh)
+    trainer = trainer_lib.Trainer(config, mesh=mesh)
     row = dict(devices=n, fsdp=fsdp, **state_bytes_per_device(trainer))
     if args.compile:
       quotas = configs.bench_quotas(config, registry,

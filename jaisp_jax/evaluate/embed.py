@@ -73,7 +73,7 @@ def _global_and_tokens(rep, chips, band, registry) -> tuple[np.ndarray, np.ndarr
 def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
                      max_chips: int) -> dict:
   """{'trained': figures, 'init': figures} on the validation split."""
-  from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from jaisp_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   bundle = inference.load(export_dir)
   config = copy.deepcopy(bundle.config)
   if data_dir is not None:
@@ -82,7 +82,7 @@ def held_out_figures(export_dir: str, data_dir: str | None, name: str | None,
     config.data.name = name
   config.eval.max_chips = max_chips
   registry = bundle.registry
-  trainer = loop.Trainer(config)
+  trainer = trainer_lib.Trainer(config)
   chips = online_eval.collect_chips(config, registry, trainer.batch_sharding)
 
   init = inference.from_params(inference.init_params(config), config, registry)

@@ -79,7 +79,7 @@ class HeldOutData:
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[int, Any]:
   """(step, EMA params) of the latest checkpoint in `workdir/checkpoints`."""
   from jaisp_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from jaisp_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from jaisp_jax.train import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise UserError(f'{directory}: no checkpoints; train first (same command without '
@@ -89,7 +89,7 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
     step = ckpt.latest_step()
     if step is None:
       raise UserError(f'{directory}: no finished checkpoint; train first')
-    abstract, _ = loop.Trainer(config).abstract_state()
+    abstract, _ = trainer_lib.Trainer(config).abstract_state()
     state = ckpt.restore(abstract, None, step)
   finally:
     ckpt.close()

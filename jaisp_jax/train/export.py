@@ -65,8 +65,8 @@ def write_bundle(export_dir: str, params, config: ml_collections.ConfigDict, reg
 
 def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
   """Exports the latest checkpoint of `workdir` (its EMA target) to `export_dir`."""
-  from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
-  trainer = loop.Trainer(config)
+  from jaisp_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  trainer = trainer_lib.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=config.keep_checkpoints)
   step = ckpt.latest_step()
   if step is None:
