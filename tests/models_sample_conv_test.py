@@ -41,7 +41,7 @@ def _stem(impl):
   return f
 
 
-@pytest.mark.parametrize('impl', ['loop', 'im2col', 'auto'])
+@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped', 'auto'])
 def test_conv3x3_matches_per_sample_lax_conv_values_and_gradients(impl):
   x, _, k, *_ = _inputs()
   with sample_conv.implementation(impl):
@@ -62,7 +62,7 @@ def test_conv3x3_matches_per_sample_lax_conv_values_and_gradients(impl):
   np.testing.assert_allclose(y2[2:], y[2:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['loop', 'im2col'])
+@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped'])
 def test_conv_stem_matches_reference_values_and_all_gradients(impl):
   args = _inputs(2)
   out = jax.jit(_stem(impl))(*args)
@@ -97,7 +97,7 @@ def test_loop_stem_sharded_over_the_batch_matches_one_device():
 
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match='im2col'):
-    with sample_conv.implementation('grouped'):
+    with sample_conv.implementation('winograd'):
       pass
 
 
@@ -125,7 +125,7 @@ def _tokens(impl):
 
 
 # g = 5: the loop's chunks of samples fall back to one sample per chunk (5 is prime).
-@pytest.mark.parametrize('impl,g', [('loop', 4), ('loop', 5), ('im2col', 4)])
+@pytest.mark.parametrize('impl,g', [('loop', 4), ('loop', 5), ('im2col', 4), ('grouped', 4)])
 def test_stem_tokens_match_reference_values_and_all_gradients(impl, g):
   args = _tokens_inputs(g, 6)
   out = jax.jit(_tokens(impl))(*args)

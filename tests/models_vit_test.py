@@ -91,3 +91,21 @@ def test_remat_gives_the_same_values_and_gradients():
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert all(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(g1))
+
+
+def test_attention_auto_takes_xla_off_gpu_and_rejects_unknown_names():
+  # 'auto' asks for cuDNN's fused kernel only on a GPU backend in bf16/f16 with a
+  # head dim it supports; on this CPU backend every case resolves to XLA's.
+  assert jax.default_backend() == 'cpu'
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    assert vit.attention_implementation('auto', dtype, 64) == 'xla'
+  assert vit.attention_implementation('cudnn', jnp.bfloat16, 64) == 'cudnn'
+  with pytest.raises(ValueError, match='flash'):
+    vit.attention_implementation('flash', jnp.bfloat16, 64)
+  # The explicit XLA path computes the same softmax attention as 'auto' here.
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 5, 2, 8))
+  np.testing.assert_allclose(vit.attention(q, k, v, 'xla'), vit.attention(q, k, v),
+                             rtol=1e-6, atol=1e-6)
+  scores = jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(8)
+  ref = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, axis=-1), v)
+  np.testing.assert_allclose(vit.attention(q, k, v, 'xla'), ref, rtol=1e-5, atol=1e-5)

@@ -101,6 +101,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.trunk.learned_pos_grid = 8 # side of the learned table ('learned' only)
   c.trunk.cls_token = False    # prepend a CLS token; global = CLS output (global_pool 'mean')
   c.trunk.remat = False        # rematerialise each block (saves activation memory)
+  c.trunk.attention = 'auto'   # 'auto' (cuDNN fused kernel on GPU in bf16/f16, else XLA),
+  #                              'xla' or 'cudnn' (models/vit.py)
 
   c.global_pool = 'mean'       # the global embedding (B, D) from the trunk's tokens:
   #                              'mean': mean token (the seeds), or the CLS output if
@@ -267,7 +269,8 @@ class JAISP(nn.Module):
         self.registry, c.token_arcsec, c.stem.kind, c.stem.hidden, c.stem.channels,
         t.embed_dim, c.stem.asinh_softening, **kw)
     make_trunk = functools.partial(vit.ViT, t.depth, t.num_heads, t.mlp_ratio, t.pos_embed,
-                                   t.learned_pos_grid, t.cls_token, t.remat, **kw)
+                                   t.learned_pos_grid, t.cls_token, t.remat,
+                                   attention=t.get('attention', 'auto'), **kw)
     if c.variant == 'two_view':
       self.trunks = {inst: make_trunk() for inst in insts}
     else:

@@ -13,6 +13,9 @@ followed by its shared stride-s patch embedding; `conv3x3` for one layer):
   one batched matmul per layer, then element-wise GELU / mask and patchify passes.
   Plain XLA ops: every backend, sharding and XLA's cost analysis handle it. The price
   is a column buffer 9x the input and a full pass over memory for every step.
+* ``'grouped'``: the im2col functions with each 3x3 layer as one grouped convolution
+  (the samples as feature groups, `conv3x3_grouped`): no column buffer; on GPU cuDNN's
+  grouped kernels (docs/performance.md has the measured comparison).
 * ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of
   one sample -- native convolutions, GELU, mask, patchify -- on a working set of a
   few MB, with a custom VJP: the backward recomputes conv1 (2 input channels) and
@@ -61,7 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaisp_jax.models import activations
 
-IMPLEMENTATIONS = ('auto', 'loop', 'im2col')
+IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _impl = 'auto'
 # Samples per iteration of the token loop (`stem_tokens`): the chunk's patch-embedding
@@ -87,7 +90,14 @@ def implementation(name: str):
     _impl = previous
 
 
-def _dispatch(loop_fn, im2col_fn, *args):
+def current_implementation() -> str:
+  """The implementation selected for functions traced now (`implementation`)."""
+  return _impl
+
+
+def _dispatch(loop_fn, im2col_fn, grouped_fn, *args):
+  if _impl == 'grouped':
+    return grouped_fn(*args)
   if _impl == 'im2col':
     return im2col_fn(*args)
   if _impl == 'loop':
@@ -117,7 +127,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     (G, H, W, Co).
   """
-  return _dispatch(_loop_conv3x3, conv3x3_im2col, x, kernel)
+  return _dispatch(_loop_conv3x3, conv3x3_im2col, conv3x3_grouped, x, kernel)
 
 
 def conv_stem(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
@@ -133,6 +143,7 @@ def conv_stem(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
   """
   return _dispatch(lambda *a: patchify(_loop_stem_features(*a), stride),
                    functools.partial(conv_stem_im2col, stride=stride),
+                   functools.partial(conv_stem_im2col, stride=stride, conv=conv3x3_grouped),
                    x, mask, k1, b1, k2, b2)
 
 
@@ -147,6 +158,7 @@ def stem_tokens(x, mask, k1, b1, k2, b2, kernel, stride: int) -> jax.Array:
   """
   return _dispatch(functools.partial(_loop_tokens, stride=stride),
                    functools.partial(stem_tokens_im2col, stride=stride),
+                   functools.partial(stem_tokens_im2col, stride=stride, conv=conv3x3_grouped),
                    x, mask, k1, b1, k2, b2, kernel)
 
 
@@ -161,17 +173,25 @@ def conv3x3_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.einsum('ghwk,gkd->ghwd', cols, kernel.reshape(g, 9 * ci, co))
 
 
-def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
-  """`conv_stem` from `conv3x3_im2col` and element-wise passes."""
-  h = activations.gelu(conv3x3_im2col(x, k1) + b1[:, None, None, :])
-  f = activations.gelu(conv3x3_im2col(h, k2) + b2[:, None, None, :])
+def conv3x3_grouped(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3` as one grouped convolution (samples as groups): JAX's batching rule for
+  a convolution with a batched kernel, which XLA:GPU hands to cuDNN."""
+  return jax.vmap(_conv_one_raw)(x, kernel)
+
+
+def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int, conv=None) -> jax.Array:
+  """`conv_stem` from `conv3x3_im2col` (or `conv`) and element-wise passes."""
+  conv = conv or conv3x3_im2col
+  h = activations.gelu(conv(x, k1) + b1[:, None, None, :])
+  f = activations.gelu(conv(h, k2) + b2[:, None, None, :])
   f = f * mask[..., None].astype(h.dtype)
   return patchify(f, stride)
 
 
-def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int) -> jax.Array:
+def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int, conv=None) -> jax.Array:
   """`stem_tokens` from `conv_stem_im2col` and one matmul."""
-  return jnp.einsum('ghwk,kd->ghwd', conv_stem_im2col(x, mask, k1, b1, k2, b2, stride), kernel)
+  return jnp.einsum('ghwk,kd->ghwd',
+                    conv_stem_im2col(x, mask, k1, b1, k2, b2, stride, conv), kernel)
 
 
 # -- one sample ------------------------------------------------------------------------
