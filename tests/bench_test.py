@@ -158,3 +158,51 @@ def test_matching_bench_agrees_with_scipy():
                'optax hungarian_algorithm (jit+vmap)'):
     assert res[name]['max_cost_error'] < 1e-5
     assert res[name]['median_ms'] > 0
+
+
+def test_profile_summary_reads_gpu_kernel_events_by_their_hlo_op(tmp_path):
+  # On GPUs the device's kernel events are named after the kernel and carry the HLO
+  # instruction in args.hlo_op; host-side events of the same ops must not count twice.
+  import gzip  # pylint: disable=g-import-not-at-top
+  hlo = ('  %fusion.7 = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, metadata={op_name='
+         '"jit(train_step)/jvp(JAISP)/JAISP.encode/trunk/block_0/mlp/fc1/dot_general"}\n'
+         '  %custom-call.2 = f32[8]{0} custom-call(f32[8]{0} %p), custom_call_target='
+         '"__cublas$gemm", metadata={op_name="jit(train_step)/transpose(jvp(JAISP))/'
+         'JAISP.encode/predictor/mlp/fc2/dot_general"}\n')
+  events = [
+      {'ph': 'X', 'name': 'sm90_xmma_gemm_bf16', 'dur': 3000, 'pid': 2,
+       'args': {'hlo_op': 'fusion.7', 'hlo_module': 'jit_train_step'}},
+      {'ph': 'X', 'name': 'cutlass_kernel', 'dur': 1000, 'pid': 2,
+       'args': {'hlo_op': 'custom-call.2'}},
+      {'ph': 'X', 'name': 'fusion.7', 'dur': 50, 'pid': 1},  # host launch event
+  ]
+  path = tmp_path / 'x.trace.json.gz'
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  rows = profile.summarize(str(path), hlo, steps=2)
+  assert ('fwd online', 'trunk/block/mlp', 'matmul', 1.5) in rows
+  assert ('bwd', 'predictor/mlp/fc2', 'matmul', 0.5) in rows
+  assert sum(r[3] for r in rows) == pytest.approx(2.0)
+
+
+def test_the_step_benchmark_imports_neither_tensorflow_nor_clu():
+  # An accelerator image with the JAX stack, grain and ml_collections runs the
+  # harness (launch/bench_gpu.sh): the trainer is apart from the training loop.
+  code = ('import sys, jaisp_jax.bench.step, jaisp_jax.train.trainer, jaisp_jax.inference; '
+          'bad = [m for m in ("tensorflow", "clu", "tensorflow_datasets") if m in sys.modules]; '
+          'assert not bad, bad')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_pipelined_steps_advance_the_state_like_blocked_steps():
+  bench = step.StepBench(tiny_config(), {'rubin-rubin': 2}, mesh=one_device_mesh(),
+                         n_batches=2)
+  bench.compile()
+  bench.init_state()
+  times = bench.run(2)
+  assert len(times) == 2 and min(times) > 0 and int(bench.state.step) == 2
+  seconds = bench.run_pipelined(3, start=2)
+  assert seconds > 0 and int(bench.state.step) == 5
+  assert np.isfinite(float(bench.last_metrics['loss']))

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +44,15 @@ def test_slurm_prints_the_batch_script():
   assert '#SBATCH --nodes=2' in out and '#SBATCH --ntasks-per-node=8' in out
   assert 'srun python -m jaisp_jax.main --config=configs/jepa.py:base' in out
   assert '+ sbatch' in out
+
+
+def test_bench_gpu_reports_unknown_runs_and_skips_runs_past_its_budget(tmp_path):
+  # The GPU script (launch/bench_gpu.sh) on this CPU machine, with no run it knows and a
+  # spent budget: it must say so for each run, not fail silently or start a run.
+  env = dict(os.environ, CHECKS='0', RUNS='no_such_run base_bf16', BUDGET='-1',
+             PYTHON=sys.executable)
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'bench_gpu.sh'), str(tmp_path)],
+                        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert 'unknown run no_such_run' in proc.stdout
+  assert '=== base_bf16: skipped (budget -1 s spent)' in proc.stdout
+  assert not (tmp_path / 'base_bf16.json').exists()

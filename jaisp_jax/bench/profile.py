@@ -82,10 +82,17 @@ def summarize(trace_file: str, hlo_text: str, steps: int) -> list[tuple[str, str
     events = json.load(f)['traceEvents']
   names = op_names(hlo_text)
   totals: dict[tuple[str, str, str], float] = collections.Counter()
+  # XLA:CPU names each op's event after its HLO instruction; on GPUs the device's
+  # kernel events are named after the kernel and carry the instruction in args.hlo_op
+  # (the host-side launch events are then left out, not counted twice).
+  on_device = any('hlo_op' in e.get('args', {}) for e in events if e.get('ph') == 'X')
   for e in events:
-    if e.get('ph') != 'X' or e['name'] not in names:
+    if e.get('ph') != 'X':
       continue
-    totals[categorize(e['name'], names[e['name']])] += e['dur'] / 1e3 / steps
+    instr = e.get('args', {}).get('hlo_op') if on_device else e['name']
+    if instr not in names:
+      continue
+    totals[categorize(instr, names[instr])] += e['dur'] / 1e3 / steps
   return sorted(((*k, v) for k, v in totals.items()), key=lambda r: -r[3])
 
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Train-step benchmark on one GPU: the base config and a ViT-B trunk (D 768, depth 12)
+# in bfloat16, plus the attention A/B (XLA vs cuDNN fused) and a cuDNN-vs-XLA accuracy
+# check. Figures go to OUTDIR/*.json and *.log; the table docs/performance.md quotes
+# is the last lines of each log.
+# Usage: bash launch/bench_gpu.sh [OUTDIR] [PER_RUN_TIMEOUT_S]
+# Needs the JAX stack, grain and ml_collections only (jaisp_jax/train/trainer.py imports
+# no TensorFlow / clu), so it runs on a bare accelerator image with a few wheels.
+set -uo pipefail
+OUT_DIR=${1:-bench_gpu}; T=${2:-200}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+
+BUDGET=${BUDGET:-100000}  # seconds: later runs are skipped once this much has passed
+step() {  # step NAME ARGS...: one harness run, its own process and timeout
+  local name=$1; shift
+  if (( SECONDS > BUDGET )); then echo "=== $name: skipped (budget ${BUDGET} s spent)"; return; fi
+  echo "=== $name: $*"
+  timeout "$T" "$PY" -m jaisp_jax.bench step "$@" --out "$OUT_DIR/$name.json" \
+    > "$OUT_DIR/$name.log" 2>&1
+  echo "rc=$?"; grep -v '^[WI][0-9]\{4\}\|^WARNING: All log' "$OUT_DIR/$name.log" | tail -n 12
+}
+
+"$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/env.log"
+import importlib, jax
+print('jax', jax.__version__, jax.devices())
+for m in ('flax', 'optax', 'orbax.checkpoint', 'chex', 'grain', 'ml_collections', 'numpy'):
+  try:
+    print(m, importlib.import_module(m).__version__)
+  except Exception as e:  # noqa
+    print(m, 'missing:', e)
+PY
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+
+[ "${CHECKS:-1}" = 1 ] && "$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/attention_check.log"
+# cuDNN fused attention against XLA's and a float32 reference, forward and gradient.
+import jax, jax.numpy as jnp
+from jaisp_jax.models import vit
+for b, n, h, hd in ((64, 64, 8, 32), (256, 65, 12, 64)):
+  ks = jax.random.split(jax.random.key(b + n), 4)
+  q, k, v, g = (jax.random.normal(kk, (b, n, h, hd)) for kk in ks)
+  ref = vit.attention(q, k, v, 'xla')
+  ref_g = jax.jit(jax.grad(lambda q, k, v, g: (vit.attention(q, k, v, 'xla') * g).sum()))(
+      q, k, v, g)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  rel = lambda a, r: float(jnp.linalg.norm(a.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+  for impl in ('xla', 'cudnn'):
+    try:
+      out = jax.jit(lambda q, k, v: vit.attention(q, k, v, impl))(bf(q), bf(k), bf(v))
+      dq = jax.jit(jax.grad(lambda q, k, v, g: (vit.attention(q, k, v, impl).astype(
+          jnp.float32) * g).sum()))(bf(q), bf(k), bf(v), g)
+      print(f'B{b} N{n} H{h} hd{hd} bf16 {impl:5s}: rel err out {rel(out, ref):.2e}, '
+            f'dq {rel(dq, ref_g):.2e}')
+    except Exception as e:  # noqa
+      print(f'B{b} N{n} H{h} hd{hd} bf16 {impl:5s}: failed: {type(e).__name__}: {e}'[:300])
+PY
+BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
+VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
+B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
+# RUNS (space-separated names) picks runs; default: all, in this order of priority.
+ALL="base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_grouped vitb_bf16_b256_patchstem
+     base_bf16_grouped vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
+for r in ${RUNS:-$ALL}; do
+  case $r in
+    base_bf16_xla) step $r "${BASE[@]}" --config.model.trunk.attention=xla --steps 30 --warmup 5 ;;
+    base_bf16) step $r "${BASE[@]}" --steps 30 --warmup 5 ;;
+    base_bf16_grouped) step $r "${BASE[@]}" --stem-conv grouped --steps 30 --warmup 5 ;;
+    vitb_bf16_b256) step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
+    vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
+    vitb_bf16_b256_patchstem) step $r "${VITB[@]}" "${B256[@]}" --config.model.stem.kind=patch ;;
+    vitb_bf16_b512) step $r "${VITB[@]}" --config.data.pairs_per_batch=512 --steps 10 --warmup 3 ;;
+    vitb_bf16_b256_xla) step $r "${VITB[@]}" "${B256[@]}" --config.model.trunk.attention=xla ;;
+    vitb_bf16_b256_remat) step $r "${VITB[@]}" "${B256[@]}" --config.model.trunk.remat=True ;;
+    base_f32) step $r --config=configs/jepa.py:base --steps 30 --warmup 5 ;;
+    *) echo "unknown run $r" ;;
+  esac
+done
+
+if [ -d /tmp/jaisp_trace_vitb ]; then  # device kernels of the profiled run, by HLO op
+  "$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/kernels.log"
+import collections, glob, gzip, json, os
+f = sorted(glob.glob('/tmp/jaisp_trace_vitb/**/*.trace.json.gz', recursive=True),
+           key=os.path.getmtime)[-1]
+ev = json.load(gzip.open(f))['traceEvents']
+pids = {e['pid']: e['args']['name'] for e in ev if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+dev = collections.Counter(); n = collections.Counter()
+for e in ev:
+  if e.get('ph') == 'X' and 'GPU' in pids.get(e.get('pid'), ''):
+    k = e.get('args', {}).get('hlo_op', e['name'])
+    dev[k] += e['dur'] / 2e3; n[k] += 1
+print(f'device time {sum(dev.values()):.1f} ms per step over {len(dev)} ops; args of one '
+      f'event: {next((e.get("args") for e in ev if e.get("ph") == "X" and "GPU" in pids.get(e.get("pid"), "")), None)}')
+for k, v in dev.most_common(30):
+  print(f'{v:8.2f} ms  x{n[k] // 2:<4d} {k[:110]}')
+PY
+fi
+echo "=== summary"
+for f in "$OUT_DIR"/*.log; do
+  printf '%-24s %s\n' "$(basename "$f" .log)" "$(grep -h '^steps_per_s=\|^MFU\|^pipelined\|^memory\|^compile' "$f" | tr '\n' ' ')"
+done
