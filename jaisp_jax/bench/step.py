@@ -12,13 +12,18 @@ Figures (`run_step` returns them; the CLI prints them and saves JSON):
     flops_per_step_device, bytes_per_step_device, flops_per_step (x devices); XLA
     counts a loop body once, so when the step loops (the CPU per-sample stem
     convolutions, models/sample_conv.py) the FLOPs are counted on the same step
-    compiled with the matmul form of those convolutions (`flops_counted_on`);
+    compiled with the matmul form of those convolutions (`flops_counted_on`); off the
+    CPU, where XLA's analysis leaves out library calls (cuBLAS, cuDNN), flops_* are the
+    matmul FLOPs counted on the step's jaxpr (bench/flops.py), which
+    matmul_flops_per_step_device reports on every platform;
   time: warm-up steps excluded; every timed step is blocked on and timed alone:
     step_median_s, step_min_s, step_max_s, step_p25_s, step_p75_s (spread),
     steps_per_s = steps / total timed seconds (as the PyTorch reference computes it),
     samples_per_s, tokens_per_s;
   throughput: flops_per_s (global, at the median step), flops_per_s_device,
-    mfu = flops_per_s_device / the device's peak (`hardware.device_peak`);
+    mfu = flops_per_s_device / the device's peak (`hardware.device_peak`); on
+    accelerators also pipelined_steps_per_s / pipelined_mfu (steps dispatched back to
+    back, blocked on once);
   memory: peak_rss_mb (host), device_peak_mb (accelerators), compiled temp/argument
     bytes per device (`compiled.memory_analysis()`).
 """
@@ -133,7 +138,7 @@ class StepBench:
     t2 = time.perf_counter()
     self.lowered = lowered
     self.figures.update(lower_s=t1 - t0, compile_s=t2 - t1, **cost_figures(self.compiled))
-    self.figures['flops_counted_on'] = 'the executed program'
+    self.figures['flops_counted_on'] = 'XLA cost analysis of the executed program'
     platform = self.mesh.devices.flat[0].platform
     # Matmul FLOPs on the jaxpr (bench/flops.py), the same on every platform; loops
     # (the CPU per-sample stem) counted in their matmul form.
@@ -148,8 +153,8 @@ class StepBench:
       self.figures['flops_executed_program_device'] = self.figures['flops_per_step_device']
       self.figures['flops_per_step_device'] = self.figures['matmul_flops_per_step_device']
       self.figures['flops_counted_on'] = (
-          f'none: XLA:{platform.upper()} leaves out library calls; the jaxpr\'s matmul '
-          'count is used')
+          f'the jaxpr, matmul FLOPs (XLA:{platform.upper()} cost analysis leaves out '
+          'library calls)')
     elif ' while(' in self.compiled.as_text():
       # XLA's cost analysis counts a loop body once: count the FLOPs on the same step
       # with the per-sample stem convolutions in matmul form (models/sample_conv.py).
@@ -157,8 +162,9 @@ class StepBench:
       with sample_conv.implementation('im2col'):
         twin = self.trainer.jitted_step(self.shardings).lower(abstract, example).compile()
       self.figures['flops_per_step_device'] = cost_figures(twin)['flops_per_step_device']
-      self.figures['flops_counted_on'] = ('the same step with im2col stem convolutions (the '
-                                          'executed program loops; XLA counts a loop body once)')
+      self.figures['flops_counted_on'] = ('XLA cost analysis of the same step with im2col stem '
+                                          'convolutions (the executed program loops; XLA '
+                                          'counts a loop body once)')
     self.figures['flops_per_step'] = self.figures['flops_per_step_device'] * self.n_devices
     return self.compiled
 
@@ -225,9 +231,9 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
   bench.compile()
   f = bench.figures
   log(f'compile: lower {f["lower_s"]:.1f} s, compile {f["compile_s"]:.1f} s; '
-      f'{f["flops_per_step_device"] / 1e9:.1f} GFLOP and '
-      f'{f["bytes_per_step_device"] / 1e9:.1f} GB accessed per step per device '
-      f'(XLA cost analysis of {f["flops_counted_on"]}); matmul FLOPs on the jaxpr '
+      f'{f["flops_per_step_device"] / 1e9:.1f} GFLOP per step per device '
+      f'({f["flops_counted_on"]}); '
+      f'{f["bytes_per_step_device"] / 1e9:.1f} GB accessed (XLA); matmul FLOPs on the jaxpr '
       f'{f["matmul_flops_per_step_device"] / 1e9:.1f} GFLOP')
   bench.init_state()
   t0 = time.perf_counter()
