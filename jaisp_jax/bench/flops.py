@@ -43,12 +43,11 @@ class Count:
 
 def _dot_flops(eqn) -> float:
   lhs, rhs = (v.aval for v in eqn.invars[:2])
-  (lc, rc), (lb, _) = eqn.params['dimension_numbers']
+  (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
   batch = math.prod(lhs.shape[d] for d in lb)
   contract = math.prod(lhs.shape[d] for d in lc)
   m = math.prod(s for d, s in enumerate(lhs.shape) if d not in lc and d not in lb)
-  n = math.prod(s for d, s in enumerate(rhs.shape)
-                if d not in rc and d not in eqn.params['dimension_numbers'][1][1])
+  n = math.prod(s for d, s in enumerate(rhs.shape) if d not in rc and d not in rb)
   return 2.0 * batch * m * n * contract
 
 

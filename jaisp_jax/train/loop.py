@@ -36,7 +36,7 @@ from jaisp_jax.models import jaisp
 from jaisp_jax.train import checkpoint as ckpt_lib
 from jaisp_jax.train import online_eval
 from jaisp_jax.train import reporting
-from jaisp_jax.train.trainer import Trainer, example_batch  # noqa: F401  (re-exported)
+from jaisp_jax.train.trainer import Trainer  # also reached as loop.Trainer by callers
 
 
 class TrainingDiverged(UserError):
