@@ -59,8 +59,9 @@ BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
 VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
 B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
-ALL="base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_grouped vitb_bf16_b256_patchstem
-     base_bf16_grouped vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
+ALL="base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_patchstem vitb_bf16_b256_shift
+     vitb_bf16_b256_sconv vitb_bf16_b256_shift_sconv vitb_bf16_b256_grouped base_bf16_grouped
+     vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
 for r in ${RUNS:-$ALL}; do
   case $r in
     base_bf16_xla) step $r "${BASE[@]}" --config.model.trunk.attention=xla --steps 30 --warmup 5 ;;
@@ -68,6 +69,9 @@ for r in ${RUNS:-$ALL}; do
     base_bf16_grouped) step $r "${BASE[@]}" --stem-conv grouped --steps 30 --warmup 5 ;;
     vitb_bf16_b256) step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
     vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
+    vitb_bf16_b256_shift) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift ;;
+    vitb_bf16_b256_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-embed conv ;;
+    vitb_bf16_b256_shift_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift --stem-embed conv ;;
     vitb_bf16_b256_patchstem) step $r "${VITB[@]}" "${B256[@]}" --config.model.stem.kind=patch ;;
     vitb_bf16_b512) step $r "${VITB[@]}" --config.data.pairs_per_batch=512 --steps 10 --warmup 3 ;;
     vitb_bf16_b256_xla) step $r "${VITB[@]}" "${B256[@]}" --config.model.trunk.attention=xla ;;

@@ -39,6 +39,20 @@ def test_convolution_counts_taps_times_input_channels_per_group(groups):
   assert g.conv == pytest.approx(3 * c.conv)
 
 
+def test_strided_convolution_gradient_counts_only_real_taps():
+  # A stride-4 4x4 'patch embedding' convolution: its input gradient is a convolution of
+  # the output gradient dilated by 4, whose kernel meets one real pixel per output per
+  # dimension, so forward, input gradient and kernel gradient cost the same.
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (4, 4), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  args = S((2, 16, 16, 8), jnp.float32), S((4, 4, 8, 32), jnp.float32)
+  c = flops.count(conv, *args)
+  assert c.conv == 2 * (2 * 4 * 4 * 32) * 16 * 8
+  g = flops.count(jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)), *args)
+  assert g.conv == pytest.approx(3 * c.conv)
+
+
 def test_scan_bodies_count_per_iteration_and_while_bodies_are_flagged():
   def scanned(x, w):
     return jax.lax.scan(lambda h, _: (h @ w, None), x, None, length=5)[0]
@@ -59,7 +73,7 @@ def test_cond_counts_its_costliest_branch():
   assert c.dot == 2 * (2 * 4 * 8 * 8)
 
 
-def test_train_step_count_agrees_with_xla_and_the_im2col_and_grouped_forms_agree():
+def test_train_step_count_agrees_with_xla_and_the_xla_stem_forms_agree():
   # The whole jepa step at toy sizes: the jaxpr's matmul count is below XLA:CPU's cost
   # analysis of the same step in matmul form, which adds the element-wise work (78% of
   # it is matmul at these toy widths; at torch_ref's 234.8 of 237.6 GFLOP, 98.8%), and
@@ -69,13 +83,17 @@ def test_train_step_count_agrees_with_xla_and_the_im2col_and_grouped_forms_agree
   abstract, _ = bench.trainer.abstract_state()
   example = sharding.global_batch(bench.host_batches[0], bench.mesh)
   counts = {}
-  for impl in ('im2col', 'grouped'):
-    with sample_conv.implementation(impl):
-      counts[impl] = flops.count(bench.trainer.jitted_step(bench.shardings), abstract, example)
+  for impl, embed in (('im2col', 'matmul'), ('grouped', 'matmul'), ('shift', 'matmul'),
+                      ('im2col', 'conv')):
+    with sample_conv.implementation(impl), sample_conv.embedding(embed):
+      counts[impl if embed == 'matmul' else embed] = flops.count(
+          bench.trainer.jitted_step(bench.shardings), abstract, example)
   with sample_conv.implementation('im2col'):
     compiled = bench.trainer.jitted_step(bench.shardings).lower(abstract, example).compile()
   xla = step.cost_figures(compiled)['flops_per_step_device']
   assert counts['im2col'].while_loops == 0
   assert 0.7 * xla < counts['im2col'].total <= xla
   assert counts['grouped'].conv > 0 and counts['im2col'].conv == 0
-  np.testing.assert_allclose(counts['grouped'].total, counts['im2col'].total, rtol=1e-6)
+  for form in ('grouped', 'shift', 'conv'):
+    np.testing.assert_allclose(counts[form].total, counts['im2col'].total, rtol=1e-6,
+                               err_msg=form)

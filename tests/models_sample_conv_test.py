@@ -41,7 +41,7 @@ def _stem(impl):
   return f
 
 
-@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped', 'auto'])
+@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped', 'shift', 'auto'])
 def test_conv3x3_matches_per_sample_lax_conv_values_and_gradients(impl):
   x, _, k, *_ = _inputs()
   with sample_conv.implementation(impl):
@@ -62,7 +62,7 @@ def test_conv3x3_matches_per_sample_lax_conv_values_and_gradients(impl):
   np.testing.assert_allclose(y2[2:], y[2:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped'])
+@pytest.mark.parametrize('impl', ['loop', 'im2col', 'grouped', 'shift'])
 def test_conv_stem_matches_reference_values_and_all_gradients(impl):
   args = _inputs(2)
   out = jax.jit(_stem(impl))(*args)
@@ -99,6 +99,9 @@ def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match='im2col'):
     with sample_conv.implementation('winograd'):
       pass
+  with pytest.raises(ValueError, match='patch-embedding'):
+    with sample_conv.embedding('fft'):
+      pass
 
 
 D = 6
@@ -117,23 +120,26 @@ def _reference_tokens(x, mask, k1, b1, k2, b2, kernel):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def _tokens(impl):
+def _tokens(impl, embed='matmul'):
   def f(*args):
-    with sample_conv.implementation(impl):
+    with sample_conv.implementation(impl), sample_conv.embedding(embed):
       return sample_conv.stem_tokens(*args, S)
   return f
 
 
 # g = 5: the loop's chunks of samples fall back to one sample per chunk (5 is prime).
-@pytest.mark.parametrize('impl,g', [('loop', 4), ('loop', 5), ('im2col', 4), ('grouped', 4)])
-def test_stem_tokens_match_reference_values_and_all_gradients(impl, g):
+# 'conv': the XLA forms' patch embedding as a stride-S convolution.
+@pytest.mark.parametrize('impl,g,embed', [('loop', 4, 'matmul'), ('loop', 5, 'matmul'),
+                                          ('im2col', 4, 'matmul'), ('grouped', 4, 'matmul'),
+                                          ('shift', 4, 'matmul'), ('im2col', 4, 'conv')])
+def test_stem_tokens_match_reference_values_and_all_gradients(impl, g, embed):
   args = _tokens_inputs(g, 6)
-  out = jax.jit(_tokens(impl))(*args)
+  out = jax.jit(_tokens(impl, embed))(*args)
   assert out.shape == (g, H // S, W // S, D)
   np.testing.assert_allclose(out, _reference_tokens(*args), rtol=1e-4, atol=1e-4)
   ct = jnp.asarray(np.random.default_rng(7).normal(size=out.shape), jnp.float32)
   loss = lambda fn: (lambda *a: jnp.sum(fn(*a) * ct))
-  got = jax.jit(jax.grad(loss(_tokens(impl)), argnums=tuple(range(7))))(*args)
+  got = jax.jit(jax.grad(loss(_tokens(impl, embed)), argnums=tuple(range(7))))(*args)
   want = jax.grad(loss(_reference_tokens), argnums=tuple(range(7)))(*args)
   for name, a, b in zip(['x', 'mask', 'k1', 'b1', 'k2', 'b2', 'kernel'], got, want):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)

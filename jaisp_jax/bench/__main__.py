@@ -62,9 +62,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--profile', default=None, metavar='DIR',
                  help='trace 2 more steps into DIR and print where the time goes')
   p.add_argument('--stem-conv', default='auto',
-                 choices=('auto', 'loop', 'im2col', 'grouped'),
+                 choices=('auto', 'loop', 'im2col', 'grouped', 'shift'),
                  help="per-sample stem convolution form (models/sample_conv.py); 'auto': "
                       "'loop' on CPU, 'im2col' elsewhere")
+  p.add_argument('--stem-embed', default='matmul', choices=('matmul', 'conv'),
+                 help="patch embedding of the XLA stem forms: patchify + matmul, or a "
+                      "stride-s convolution (models/sample_conv.py)")
   p.add_argument('--dump', default=None, metavar='DIR',
                  help='write the lowered (StableHLO) and optimised HLO of the step into DIR')
 
@@ -160,11 +163,12 @@ def _step(args, overrides):
       print(f'profile: trace in {args.profile} (TensorBoard / Perfetto)', flush=True)
 
   from jaisp_jax.models import sample_conv  # pylint: disable=g-import-not-at-top
-  with sample_conv.implementation(args.stem_conv):
+  with sample_conv.implementation(args.stem_conv), sample_conv.embedding(args.stem_embed):
     figures = step.run_step(config, quotas, steps=args.steps, warmup=args.warmup,
                             peak_tflops=args.peak_tflops, n_batches=args.batches,
                             log=lambda m: print(m, flush=True), profile=profile_fn)
   figures['stem_conv'] = args.stem_conv
+  figures['stem_embed'] = args.stem_embed
   figures['config'] = args.config
   figures['overrides'] = list(overrides)
   if args.dump:

@@ -57,7 +57,10 @@ def _conv_flops(eqn) -> float:
   rhs = eqn.invars[1].aval
   out = eqn.outvars[0].aval
   rhs_spec = eqn.params['dimension_numbers'].rhs_spec  # (out feat, in feat, spatial...)
-  taps = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+  # An input dilated by d (the input gradient of a stride-d convolution) puts d - 1
+  # zeros between its pixels: a kernel of k taps meets ceil(k / d) real ones.
+  dil = eqn.params.get('lhs_dilation') or (1,) * (len(rhs_spec) - 2)
+  taps = math.prod(-(-rhs.shape[d] // di) for d, di in zip(rhs_spec[2:], dil))
   return 2.0 * math.prod(out.shape) * taps * rhs.shape[rhs_spec[1]]
 
 

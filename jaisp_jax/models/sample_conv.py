@@ -16,6 +16,8 @@ followed by its shared stride-s patch embedding; `conv3x3` for one layer):
 * ``'grouped'``: the im2col functions with each 3x3 layer as one grouped convolution
   (the samples as feature groups, `conv3x3_grouped`): no column buffer; on GPU cuDNN's
   grouped kernels (docs/performance.md has the measured comparison).
+* ``'shift'``: the im2col functions with each 3x3 layer of Ci > 2 as 9 batched matmuls
+  on shifted views, summed in float32 (`conv3x3_shift`): no column buffer.
 * ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of
   one sample -- native convolutions, GELU, mask, patchify -- on a working set of a
   few MB, with a custom VJP: the backward recomputes conv1 (2 input channels) and
@@ -64,9 +66,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaisp_jax.models import activations
 
-IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped')
+IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped', 'shift')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _impl = 'auto'
+EMBEDDINGS = ('matmul', 'conv')
+_embed = 'matmul'
 # Samples per iteration of the token loop (`stem_tokens`): the chunk's patch-embedding
 # matmul has chunk * h * w rows, and its shared (s*s*C2, D) kernel is packed once per
 # call, so larger chunks run the matmul faster ((M, 16384) x (16384, 256) on the 2-core
@@ -90,19 +94,35 @@ def implementation(name: str):
     _impl = previous
 
 
+@contextlib.contextmanager
+def embedding(name: str):
+  """Selects how the XLA forms ('im2col', 'grouped', 'shift') apply the stride-s patch
+  embedding in functions TRACED inside the block: 'matmul' (patchify + matmul, the
+  default) or 'conv' (a stride-s convolution)."""
+  global _embed
+  if name not in EMBEDDINGS:
+    raise ValueError(f'unknown patch-embedding form {name!r}; expected one of {EMBEDDINGS}')
+  previous, _embed = _embed, name
+  try:
+    yield
+  finally:
+    _embed = previous
+
+
 def current_implementation() -> str:
   """The implementation selected for functions traced now (`implementation`)."""
   return _impl
 
 
-def _dispatch(loop_fn, im2col_fn, grouped_fn, *args):
-  if _impl == 'grouped':
-    return grouped_fn(*args)
-  if _impl == 'im2col':
-    return im2col_fn(*args)
+def _dispatch(loop_fn, xla_fn, *args):
+  """`loop_fn(*args)` for 'loop'; `xla_fn(*args, conv=<that form's conv3x3>)` for the
+  XLA forms; 'auto': the loop on CPU, im2col elsewhere."""
   if _impl == 'loop':
     return loop_fn(*args)
-  return jax.lax.platform_dependent(*args, cpu=loop_fn, default=im2col_fn)
+  if _impl != 'auto':
+    return xla_fn(*args, conv=_XLA_CONVS[_impl])
+  return jax.lax.platform_dependent(
+      *args, cpu=loop_fn, default=functools.partial(xla_fn, conv=conv3x3_im2col))
 
 
 def patchify(x: jax.Array, stride: int) -> jax.Array:
@@ -127,7 +147,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     (G, H, W, Co).
   """
-  return _dispatch(_loop_conv3x3, conv3x3_im2col, conv3x3_grouped, x, kernel)
+  return _dispatch(_loop_conv3x3, lambda x, kernel, conv: conv(x, kernel), x, kernel)
 
 
 def conv_stem(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
@@ -143,7 +163,6 @@ def conv_stem(x, mask, k1, b1, k2, b2, stride: int) -> jax.Array:
   """
   return _dispatch(lambda *a: patchify(_loop_stem_features(*a), stride),
                    functools.partial(conv_stem_im2col, stride=stride),
-                   functools.partial(conv_stem_im2col, stride=stride, conv=conv3x3_grouped),
                    x, mask, k1, b1, k2, b2)
 
 
@@ -158,7 +177,6 @@ def stem_tokens(x, mask, k1, b1, k2, b2, kernel, stride: int) -> jax.Array:
   """
   return _dispatch(functools.partial(_loop_tokens, stride=stride),
                    functools.partial(stem_tokens_im2col, stride=stride),
-                   functools.partial(stem_tokens_im2col, stride=stride, conv=conv3x3_grouped),
                    x, mask, k1, b1, k2, b2, kernel)
 
 
@@ -179,19 +197,51 @@ def conv3x3_grouped(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jax.vmap(_conv_one_raw)(x, kernel)
 
 
-def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int, conv=None) -> jax.Array:
-  """`conv_stem` from `conv3x3_im2col` (or `conv`) and element-wise passes."""
+def conv3x3_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3` as the sum of 9 batched matmuls, one per tap, on shifted views of the
+  padded input: no (G, H, W, 9 Ci) column buffer (XLA:GPU can fuse the slices into its
+  matmul fusions). Inputs of at most 2 channels (the stems' first layer) take the
+  im2col form, whose columns are then small and whose matmul has K = 9 Ci."""
+  _, hgt, wid, ci = x.shape
+  if ci <= 2:
+    return conv3x3_im2col(x, kernel)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = None
+  for dy in range(3):
+    for dx in range(3):
+      tap = jnp.einsum('ghwc,gcd->ghwd', xp[:, dy:dy + hgt, dx:dx + wid], kernel[:, dy, dx],
+                       preferred_element_type=jnp.float32)
+      out = tap if out is None else out + tap
+  return out.astype(jnp.result_type(x, kernel))
+
+
+def _stem_features_xla(x, mask, k1, b1, k2, b2, conv=None) -> jax.Array:
+  """(G, H, W, C2) stem features from `conv` (default `conv3x3_im2col`) and element-wise
+  passes."""
   conv = conv or conv3x3_im2col
   h = activations.gelu(conv(x, k1) + b1[:, None, None, :])
   f = activations.gelu(conv(h, k2) + b2[:, None, None, :])
-  f = f * mask[..., None].astype(h.dtype)
-  return patchify(f, stride)
+  return f * mask[..., None].astype(h.dtype)
+
+
+def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int, conv=None) -> jax.Array:
+  """`conv_stem` from `conv3x3_im2col` (or `conv`) and element-wise passes."""
+  return patchify(_stem_features_xla(x, mask, k1, b1, k2, b2, conv), stride)
 
 
 def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int, conv=None) -> jax.Array:
-  """`stem_tokens` from `conv_stem_im2col` and one matmul."""
-  return jnp.einsum('ghwk,kd->ghwd',
-                    conv_stem_im2col(x, mask, k1, b1, k2, b2, stride, conv), kernel)
+  """`stem_tokens` from `_stem_features_xla` and the patch embedding, as `embedding`
+  selects: patchify + one matmul ('matmul'), or one stride-s convolution ('conv', no
+  patchified copy of the features)."""
+  f = _stem_features_xla(x, mask, k1, b1, k2, b2, conv)
+  if _embed == 'conv':
+    c2, d = f.shape[-1], kernel.shape[-1]
+    return jax.lax.conv_general_dilated(f, kernel.reshape(stride, stride, c2, d),
+                                        (stride, stride), 'VALID', dimension_numbers=_DN)
+  return jnp.einsum('ghwk,kd->ghwd', patchify(f, stride), kernel)
+
+
+_XLA_CONVS = {'im2col': conv3x3_im2col, 'grouped': conv3x3_grouped, 'shift': conv3x3_shift}
 
 
 # -- one sample ------------------------------------------------------------------------
