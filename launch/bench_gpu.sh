@@ -67,7 +67,10 @@ for r in ${RUNS:-$ALL}; do
     base_bf16_xla) step $r "${BASE[@]}" --config.model.trunk.attention=xla --steps 30 --warmup 5 ;;
     base_bf16) step $r "${BASE[@]}" --steps 30 --warmup 5 ;;
     base_bf16_grouped) step $r "${BASE[@]}" --stem-conv grouped --steps 30 --warmup 5 ;;
-    vitb_bf16_b256) step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
+    # Without command buffers: XLA:GPU otherwise runs the step as one CUDA graph, which
+    # the trace shows as a single op (same speed, docs/performance.md session 5).
+    vitb_bf16_b256) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+      step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
     vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
     vitb_bf16_b256_shift) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift ;;
     vitb_bf16_b256_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-embed conv ;;
