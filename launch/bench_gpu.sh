@@ -55,11 +55,46 @@ for b, n, h, hd in ((64, 64, 8, 32), (256, 65, 12, 64)):
     except Exception as e:  # noqa
       print(f'B{b} N{n} H{h} hd{hd} bf16 {impl:5s}: failed: {type(e).__name__}: {e}'[:300])
 PY
+[ "${CHECKS:-1}" = 1 ] && "$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/pallas_check.log"
+# The Pallas (Triton) per-sample convolution against im2col at the Euclid stems' shape,
+# bf16, forward and both gradients, relative to a float32 im2col reference; then timed.
+import time, jax, jax.numpy as jnp
+from jaisp_jax.models import sample_conv
+ks = jax.random.split(jax.random.key(0), 3)
+x = jax.random.normal(ks[0], (64, 256, 256, 32))
+k = 0.1 * jax.random.normal(ks[1], (64, 3, 3, 32, 64))
+ct = jax.random.normal(ks[2], (64, 256, 256, 64))
+def fn(impl):
+  def f(x, k):
+    with sample_conv.implementation(impl):
+      y = sample_conv.conv3x3(x, k)
+    return jnp.sum(y.astype(jnp.float32) * ct), y
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+ref = fn('im2col')(x, k)
+rel = lambda a, r: float(jnp.linalg.norm(a.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+bf = lambda a: a.astype(jnp.bfloat16)
+for impl in ('im2col', 'pallas'):
+  try:
+    f = fn(impl)
+    (_, y), (dx, dk) = out = f(bf(x), bf(k))
+    print(f'{impl:7s} bf16 rel err: out {rel(y, ref[0][1]):.2e} dx {rel(dx, ref[1][0]):.2e} '
+          f'dk {rel(dk, ref[1][1]):.2e}', flush=True)
+    jax.block_until_ready(f(bf(x), bf(k)))
+    t = time.perf_counter()
+    for _ in range(10):
+      out = f(bf(x), bf(k))
+    jax.block_until_ready(out)
+    print(f'{impl:7s} forward + both gradients, 64 x 256 x 256 x 32 -> 64: '
+          f'{(time.perf_counter() - t) * 100:.2f} ms', flush=True)
+  except Exception as e:  # noqa
+    print(f'{impl}: failed: {type(e).__name__}: {e}'[:2000], flush=True)
+PY
 BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
 VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
 B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
-ALL="base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_patchstem vitb_bf16_b256_shift
+ALL="vitb_bf16_b256_pallas base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_patchstem
+     base_bf16_pallas vitb_bf16_b256_shift
      vitb_bf16_b256_sconv vitb_bf16_b256_shift_sconv vitb_bf16_b256_grouped base_bf16_grouped
      vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
 for r in ${RUNS:-$ALL}; do
@@ -72,6 +107,8 @@ for r in ${RUNS:-$ALL}; do
     vitb_bf16_b256) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
     vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
+    vitb_bf16_b256_pallas) step $r "${VITB[@]}" "${B256[@]}" --stem-conv pallas ;;
+    base_bf16_pallas) step $r "${BASE[@]}" --stem-conv pallas --steps 30 --warmup 5 ;;
     vitb_bf16_b256_shift) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift ;;
     vitb_bf16_b256_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-embed conv ;;
     vitb_bf16_b256_shift_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift --stem-embed conv ;;

@@ -161,3 +161,99 @@ def test_loop_stem_tokens_sharded_over_the_batch_match_one_device():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   out = jax.jit(_tokens('loop'))(*sharded)
   assert out.sharding.spec[0] == 'data'
+
+
+def _pallas_inputs(g=2, hgt=8, wid=16, ci=16, co=32, dtype=jnp.float32, seed=11):
+  r = np.random.default_rng(seed)
+  x = jnp.asarray(r.normal(size=(g, hgt, wid, ci)), dtype)
+  k = jnp.asarray(0.2 * r.normal(size=(g, 3, 3, ci, co)), dtype)
+  return x, k
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 16, 16, 32), (3, 4, 512, 16, 16)])
+def test_pallas_form_runs_its_kernels_and_matches_the_reference(shape):
+  # Interpret mode on the CPU: the same kernels the GPU compiles with Triton. Shapes with
+  # one tile of 8 x 16 px and two 256-px tiles per row (W = 512).
+  x, k = _pallas_inputs(*shape)
+  with sample_conv.implementation('pallas'):
+    fn = jax.jit(sample_conv.conv3x3)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, b: sample_conv.conv3x3(a, b).sum(),
+                                        (0, 1)))(x, k))
+    y = fn(x, k)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    g = jax.jit(jax.grad(lambda a, b: jnp.sum(sample_conv.conv3x3(a, b) * ct), (0, 1)))(x, k)
+  # forward, input gradient and kernel gradient are each a Pallas kernel
+  assert jaxpr.count('pallas_call') >= 3
+  assert 'sample_conv3x3_kernel_grad' in jaxpr
+  np.testing.assert_allclose(y, _reference_conv(x, k), rtol=1e-4, atol=1e-4)
+  gw = jax.grad(lambda a, b: jnp.sum(_reference_conv(a, b) * ct), (0, 1))(x, k)
+  for name, got, ref in zip(('x', 'kernel'), g, gw):
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-3, err_msg=name)
+    assert float(jnp.abs(ref).max()) > 1.0, name
+
+
+def test_pallas_form_in_bfloat16_stays_within_bfloat16_rounding():
+  x, k = _pallas_inputs(dtype=jnp.bfloat16)
+  with sample_conv.implementation('pallas'):
+    y = jax.jit(sample_conv.conv3x3)(x, k)
+  assert y.dtype == jnp.bfloat16
+  want = _reference_conv(x.astype(jnp.float32), k.astype(jnp.float32))
+  rel = float(jnp.linalg.norm(y.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+  assert rel < 1e-2
+
+
+def test_pallas_form_falls_back_to_im2col_for_shapes_its_kernels_do_not_take():
+  from jaisp_jax.models import pallas_conv
+  assert pallas_conv.supported((4, 256, 256, 32), 64) and pallas_conv.supported((4, 128, 128, 32), 64)
+  assert not pallas_conv.supported((4, 128, 128, 2), 32)   # the stems' first layer
+  assert not pallas_conv.supported((4, 128, 96, 32), 64)   # 96 px: no power-of-two tile
+  assert not pallas_conv.supported((4, 128, 128, 24), 64)  # 24 channels
+  with pytest.raises(ValueError, match='unsupported'):
+    pallas_conv.conv3x3(jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 3, 3, 2, 16)))
+  x, _, k, *_ = _inputs()  # Ci = 2
+  with sample_conv.implementation('pallas'):
+    assert 'pallas_call' not in str(jax.make_jaxpr(sample_conv.conv3x3)(x, k))
+    np.testing.assert_allclose(jax.jit(sample_conv.conv3x3)(x, k), _reference_conv(x, k),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_stem_tokens_match_the_im2col_form_values_and_gradients():
+  # The whole stem + patch embedding with a 16-channel first layer, so that the second
+  # layer runs the kernels (the first, 2 input channels, takes im2col).
+  r = np.random.default_rng(5)
+  f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
+  c1, c2, d = 16, 16, 8
+  args = (f(2, H, W, CI), jnp.asarray(r.random((2, H, W)) > 0.2, jnp.float32),
+          0.3 * f(2, 3, 3, CI, c1), f(2, c1), 0.2 * f(2, 3, 3, c1, c2), f(2, c2),
+          0.05 * f(S * S * c2, d))
+  def loss(impl):
+    def fn(*a):
+      with sample_conv.implementation(impl):
+        return jnp.sum(jnp.sin(sample_conv.stem_tokens(*a, S)))
+    return fn
+  got = jax.jit(jax.value_and_grad(loss('pallas'), argnums=tuple(range(7))))(*args)
+  want = jax.jit(jax.value_and_grad(loss('im2col'), argnums=tuple(range(7))))(*args)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+  for name, a, b in zip(['x', 'mask', 'k1', 'b1', 'k2', 'b2', 'kernel'], got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+    assert float(jnp.abs(b).max()) > 0, name
+
+
+def test_pallas_conv_sharded_over_the_batch_matches_one_device():
+  n = 4
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('data',))
+  x, k = _pallas_inputs(g=4)
+  sh = lambda a: jax.device_put(a, NamedSharding(mesh, P('data', *([None] * (a.ndim - 1)))))
+  ct = jnp.asarray(np.random.default_rng(6).normal(size=x.shape[:3] + (k.shape[-1],)),
+                   jnp.float32)
+  def f(a, b):
+    with sample_conv.implementation('pallas'):
+      return jnp.sum(sample_conv.conv3x3(a, b) * ct)
+  val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(sh(x), sh(k))
+  val1, grads1 = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, k)
+  np.testing.assert_allclose(val, val1, rtol=1e-5)
+  for a, b in zip(grads, grads1):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with sample_conv.implementation('pallas'):
+    out = jax.jit(sample_conv.conv3x3)(sh(x), sh(k))
+  assert out.sharding.spec[0] == 'data'

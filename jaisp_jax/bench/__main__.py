@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--profile', default=None, metavar='DIR',
                  help='trace 2 more steps into DIR and print where the time goes')
   p.add_argument('--stem-conv', default='auto',
-                 choices=('auto', 'loop', 'im2col', 'grouped', 'shift'),
+                 choices=('auto', 'loop', 'im2col', 'grouped', 'shift', 'pallas'),
                  help="per-sample stem convolution form (models/sample_conv.py); 'auto': "
                       "'loop' on CPU, 'im2col' elsewhere")
   p.add_argument('--stem-embed', default='matmul', choices=('matmul', 'conv'),

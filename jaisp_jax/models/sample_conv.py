@@ -18,6 +18,9 @@ followed by its shared stride-s patch embedding; `conv3x3` for one layer):
   grouped kernels (docs/performance.md has the measured comparison).
 * ``'shift'``: the im2col functions with each 3x3 layer of Ci > 2 as 9 batched matmuls
   on shifted views, summed in float32 (`conv3x3_shift`): no column buffer.
+* ``'pallas'``: the im2col functions with each 3x3 layer of Ci >= 16 as the Pallas
+  (Triton) kernels of models/pallas_conv.py: no column buffer, one kernel each for the
+  forward, the input gradient and the kernel gradient (GPUs; interpret mode elsewhere).
 * ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of
   one sample -- native convolutions, GELU, mask, patchify -- on a working set of a
   few MB, with a custom VJP: the backward recomputes conv1 (2 input channels) and
@@ -65,8 +68,9 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaisp_jax.models import activations
+from jaisp_jax.models import pallas_conv
 
-IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped', 'shift')
+IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped', 'shift', 'pallas')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _impl = 'auto'
 EMBEDDINGS = ('matmul', 'conv')
@@ -239,9 +243,6 @@ def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int, conv=None) 
     return jax.lax.conv_general_dilated(f, kernel.reshape(stride, stride, c2, d),
                                         (stride, stride), 'VALID', dimension_numbers=_DN)
   return jnp.einsum('ghwk,kd->ghwd', patchify(f, stride), kernel)
-
-
-_XLA_CONVS = {'im2col': conv3x3_im2col, 'grouped': conv3x3_grouped, 'shift': conv3x3_shift}
 
 
 # -- one sample ------------------------------------------------------------------------
@@ -504,3 +505,42 @@ def _loop_tokens_fn(stride):
 
 def _loop_tokens(x, mask, k1, b1, k2, b2, kernel, stride):
   return _loop_tokens_fn(stride)(x, mask, k1, b1, k2, b2, kernel)
+
+
+# -- Pallas (Triton) kernels on GPUs -------------------------------------------------------
+
+_pallas_forward = _batch_parallel(pallas_conv.conv3x3)
+_pallas_input_grad = _batch_parallel(pallas_conv.input_grad)
+_pallas_kernel_grad = _batch_parallel(pallas_conv.kernel_grad)
+
+
+@jax.custom_vjp
+def _pallas_conv3x3(x, kernel):
+  return _pallas_forward(x, kernel)
+
+
+def _pallas_conv3x3_fwd(x, kernel):
+  return _pallas_forward(x, kernel), (x, kernel)
+
+
+def _pallas_conv3x3_bwd(saved, dz):
+  x, kernel = saved
+  dz = dz.astype(x.dtype)
+  return (_pallas_input_grad(kernel.astype(x.dtype), dz),
+          _pallas_kernel_grad(x, dz).astype(kernel.dtype))
+
+
+_pallas_conv3x3.defvjp(_pallas_conv3x3_fwd, _pallas_conv3x3_bwd)
+
+
+def conv3x3_pallas(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3x3` by the Pallas kernels of models/pallas_conv.py (no column buffer; forward,
+  input gradient and kernel gradient each one kernel, batch-partitioned like the loops).
+  Shapes the kernels do not take (the stems' first layer, Ci = 2) take im2col."""
+  if not pallas_conv.supported(x.shape, kernel.shape[-1]):
+    return conv3x3_im2col(x, kernel)
+  return _pallas_conv3x3(x, kernel).astype(jnp.result_type(x, kernel))
+
+
+_XLA_CONVS = {'im2col': conv3x3_im2col, 'grouped': conv3x3_grouped, 'shift': conv3x3_shift,
+              'pallas': conv3x3_pallas}
