@@ -45,7 +45,7 @@ for b, n, h, hd in ((64, 64, 8, 32), (256, 65, 12, 64)):
       q, k, v, g)
   bf = lambda x: x.astype(jnp.bfloat16)
   rel = lambda a, r: float(jnp.linalg.norm(a.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-  for impl in ('xla', 'cudnn'):
+  for impl in ('xla', 'cudnn', 'cudnn_padded'):
     try:
       out = jax.jit(lambda q, k, v: vit.attention(q, k, v, impl))(bf(q), bf(k), bf(v))
       dq = jax.jit(jax.grad(lambda q, k, v, g: (vit.attention(q, k, v, impl).astype(
@@ -93,7 +93,8 @@ BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
 VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
 B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
-ALL="vitb_bf16_b256_pallas base_bf16_xla base_bf16 vitb_bf16_b256 vitb_bf16_b256_patchstem
+ALL="vitb_bf16_b256_pallas vitb_bf16_b256 vitb_bf16_b256_patchstem_attnpad
+     vitb_bf16_b256_pallas_attnpad base_bf16_xla base_bf16 vitb_bf16_b256_patchstem
      base_bf16_pallas vitb_bf16_b256_shift
      vitb_bf16_b256_sconv vitb_bf16_b256_shift_sconv vitb_bf16_b256_grouped base_bf16_grouped
      vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
@@ -108,6 +109,10 @@ for r in ${RUNS:-$ALL}; do
       step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
     vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
     vitb_bf16_b256_pallas) step $r "${VITB[@]}" "${B256[@]}" --stem-conv pallas ;;
+    vitb_bf16_b256_pallas_attnpad) step $r "${VITB[@]}" "${B256[@]}" --stem-conv pallas \
+      --config.model.trunk.attention=cudnn_padded ;;
+    vitb_bf16_b256_patchstem_attnpad) step $r "${VITB[@]}" "${B256[@]}" \
+      --config.model.stem.kind=patch --config.model.trunk.attention=cudnn_padded ;;
     base_bf16_pallas) step $r "${BASE[@]}" --stem-conv pallas --steps 30 --warmup 5 ;;
     vitb_bf16_b256_shift) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift ;;
     vitb_bf16_b256_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-embed conv ;;

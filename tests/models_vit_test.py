@@ -109,3 +109,20 @@ def test_attention_auto_takes_xla_off_gpu_and_rejects_unknown_names():
   scores = jnp.einsum('bthd,bshd->bhts', q, k) / np.sqrt(8)
   ref = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(scores, axis=-1), v)
   np.testing.assert_allclose(vit.attention(q, k, v, 'xla'), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('t', [5, 65])
+def test_padded_attention_is_the_same_function_values_and_gradients(t):
+  # 'cudnn_padded' pads the sequences (65 -> 128) and masks the padded keys: checked
+  # here with XLA's implementation of the same masked call (cuDNN needs a GPU).
+  q, k, v, ct = jax.random.normal(jax.random.key(t), (4, 2, t, 3, 8))
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * ct))
+  padded = lambda q, k, v: vit.padded_attention(q, k, v, 'xla')
+  out = padded(q, k, v)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(out, vit.attention(q, k, v, 'xla'), rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda *a: vit.attention(*a, 'xla')), argnums=(0, 1, 2))(q, k, v)
+  for name, a, b in zip('qkv', got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+  assert vit.attention_implementation('cudnn_padded', jnp.bfloat16, 64) == 'cudnn_padded'

@@ -102,7 +102,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.trunk.cls_token = False    # prepend a CLS token; global = CLS output (global_pool 'mean')
   c.trunk.remat = False        # rematerialise each block (saves activation memory)
   c.trunk.attention = 'auto'   # 'auto' (cuDNN fused kernel on GPU in bf16/f16, else XLA),
-  #                              'xla' or 'cudnn' (models/vit.py)
+  #                              'xla', 'cudnn' or 'cudnn_padded' (cuDNN on sequences
+  #                              padded to a multiple of 64, masked; models/vit.py)
 
   c.global_pool = 'mean'       # the global embedding (B, D) from the trunk's tokens:
   #                              'mean': mean token (the seeds), or the CLS output if

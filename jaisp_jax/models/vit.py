@@ -11,7 +11,9 @@ of 8 up to 128, a sequence length cuDNN accepts) and XLA's elsewhere (CPU, TPU,
 float32). On an H200 the fused kernel made the base bf16 step 3% faster (17.5 against
 18.0 ms) and the ViT-B one 1% (171 against 173 ms): at 64 tokens attention is a few
 per cent of the FLOPs (docs/performance.md). `trunk.attention` in the model
-config overrides the choice ('xla' or 'cudnn').
+config overrides the choice ('xla' or 'cudnn'); 'cudnn_padded' pads the sequences to
+a multiple of 64 with the padded keys masked, for lengths cuDNN refuses (65 with a CLS
+token; not yet timed on a GPU, so 'auto' still takes XLA's attention there).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class PositionEmbedding(nn.Module):
     raise ValueError(f"unknown position embedding {self.kind!r}; expected 'sincos' or 'learned'")
 
 
-ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'cudnn_padded')
+_PAD_MULTIPLE = 64  # 'cudnn_padded': sequence lengths rounded up to this
 
 
 def attention_implementation(requested: str, dtype, head_dim: int) -> str:
@@ -81,7 +84,7 @@ def attention_implementation(requested: str, dtype, head_dim: int) -> str:
     raise ValueError(f'unknown attention implementation {requested!r}; expected one of '
                      f'{ATTENTION_IMPLEMENTATIONS}')
   if requested != 'auto':
-    return requested
+    return requested  # 'xla', 'cudnn' or 'cudnn_padded' (`padded_attention`)
   fused_ok = (jax.default_backend() == 'gpu'
               and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and head_dim % 8 == 0 and head_dim <= 128)
@@ -100,7 +103,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = 'a
       # sequence length Q 65, KV 65", a CLS token on an 8 x 8 grid); 'auto' then
       # takes XLA's attention. An explicit 'cudnn' lets the error through.
       impl = 'xla'
+  if impl == 'cudnn_padded':
+    return padded_attention(q, k, v, 'cudnn')
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                     multiple: int = _PAD_MULTIPLE) -> jax.Array:
+  """`jax.nn.dot_product_attention` on sequences zero-padded to a multiple of `multiple`,
+  the padded keys masked out (`key_value_seq_lengths`) and the padded queries dropped.
+
+  For cuDNN's fused kernel, which refuses some lengths (65 = a CLS token on an 8 x 8
+  grid, on an H200): 'cudnn_padded' pads 65 -> 128. The same function as unpadded
+  attention, values and gradients (tests/models_vit_test.py checks it with XLA's).
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  up = lambda n: -(-n // multiple) * multiple
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, up(n) - n), (0, 0), (0, 0)))
+  out = jax.nn.dot_product_attention(
+      pad(q, t), pad(k, s), pad(v, s), implementation=implementation,
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32))
+  return out[:, :t]
 
 
 class SelfAttention(nn.Module):
