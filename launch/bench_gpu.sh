@@ -95,7 +95,7 @@ B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
 ALL="vitb_bf16_b256_pallas vitb_bf16_b256 vitb_bf16_b256_patchstem_attnpad
      vitb_bf16_b256_pallas_attnpad base_bf16_xla base_bf16 vitb_bf16_b256_patchstem
-     base_bf16_pallas vitb_bf16_b256_shift
+     vitb_bf16_b512_patchstem base_bf16_pallas vitb_bf16_b256_shift
      vitb_bf16_b256_sconv vitb_bf16_b256_shift_sconv vitb_bf16_b256_grouped base_bf16_grouped
      vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
 for r in ${RUNS:-$ALL}; do
@@ -113,6 +113,8 @@ for r in ${RUNS:-$ALL}; do
       --config.model.trunk.attention=cudnn_padded ;;
     vitb_bf16_b256_patchstem_attnpad) step $r "${VITB[@]}" "${B256[@]}" \
       --config.model.stem.kind=patch --config.model.trunk.attention=cudnn_padded ;;
+    vitb_bf16_b512_patchstem) step $r "${VITB[@]}" --config.data.pairs_per_batch=512 \
+      --config.model.stem.kind=patch --steps 10 --warmup 3 ;;
     base_bf16_pallas) step $r "${BASE[@]}" --stem-conv pallas --steps 30 --warmup 5 ;;
     vitb_bf16_b256_shift) step $r "${VITB[@]}" "${B256[@]}" --stem-conv shift ;;
     vitb_bf16_b256_sconv) step $r "${VITB[@]}" "${B256[@]}" --stem-embed conv ;;

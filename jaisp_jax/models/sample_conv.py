@@ -223,7 +223,11 @@ def _stem_features_xla(x, mask, k1, b1, k2, b2, conv=None) -> jax.Array:
   """(G, H, W, C2) stem features from `conv` (default `conv3x3_im2col`) and element-wise
   passes."""
   conv = conv or conv3x3_im2col
-  h = activations.gelu(conv(x, k1) + b1[:, None, None, :])
+  # The barrier materialises h once: on an H200 XLA fused the first layer's bias + erf
+  # GELU into the second layer's im2col column write and recomputed it for each of the
+  # 9 taps (30.5 ms per step in the EMA target's forward, against 17.9 ms for the same
+  # write from a stored h in the online forward; docs/performance.md, session 5).
+  h = jax.lax.optimization_barrier(activations.gelu(conv(x, k1) + b1[:, None, None, :]))
   f = activations.gelu(conv(h, k2) + b2[:, None, None, :])
   return f * mask[..., None].astype(h.dtype)
 
