@@ -17,7 +17,8 @@ followed by its shared stride-s patch embedding; `conv3x3` for one layer):
   (the samples as feature groups, `conv3x3_grouped`): no column buffer; on GPU cuDNN's
   grouped kernels (docs/performance.md has the measured comparison).
 * ``'shift'``: the im2col functions with each 3x3 layer of Ci > 2 as 9 batched matmuls
-  on shifted views, summed in float32 (`conv3x3_shift`): no column buffer.
+  on shifted views, summed in float32 (`conv3x3_shift`): no column buffer (slower on
+  an H200; kept for the record).
 * ``'pallas'``: the im2col functions with each 3x3 layer of Ci >= 16 as the Pallas
   (Triton) kernels of models/pallas_conv.py: no column buffer, one kernel each for the
   forward, the input gradient and the kernel gradient (GPUs; interpret mode elsewhere).
@@ -49,9 +50,9 @@ CPU seconds, the machine shared with other jobs): forward + backward 'loop' 2.08
 (per-sample loop, then patchify and the embedding outside) -> 1.75 s (`stem_tokens`,
 erf GELU), forward alone 0.67 -> 0.62 s; page faults 148k -> 71k per call. docs/performance.md.
 
-``'auto'`` (the default) takes 'loop' on CPU and 'im2col' elsewhere (GPU/TPU fuse the
-matmul form well; a grouped convolution is the other candidate there, pending
-measurement). XLA's cost analysis counts a loop body once, so FLOP counts of a
+``'auto'`` (the default) takes 'loop' on CPU and 'im2col' elsewhere. On an H200 the
+im2col column writes are most of the ViT-B stems' time (docs/performance.md, session
+5); 'pallas' is the candidate to replace it there, pending a GPU measurement. XLA's cost analysis counts a loop body once, so FLOP counts of a
 program that uses 'loop' are too low: count FLOPs on the 'im2col' form
 (`implementation('im2col')`), as the benchmark harness does.
 """
@@ -203,8 +204,9 @@ def conv3x3_grouped(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def conv3x3_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv3x3` as the sum of 9 batched matmuls, one per tap, on shifted views of the
-  padded input: no (G, H, W, 9 Ci) column buffer (XLA:GPU can fuse the slices into its
-  matmul fusions). Inputs of at most 2 channels (the stems' first layer) take the
+  padded input: no (G, H, W, 9 Ci) column buffer, but nine float32 partial outputs (on
+  an H200 the ViT-B step was slower with it, 196 against 175 ms, at twice the memory;
+  docs/performance.md). Inputs of at most 2 channels (the stems' first layer) take the
   im2col form, whose columns are then small and whose matmul has K = 9 Ci."""
   _, hgt, wid, ci = x.shape
   if ci <= 2:
@@ -240,7 +242,7 @@ def conv_stem_im2col(x, mask, k1, b1, k2, b2, stride: int, conv=None) -> jax.Arr
 def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int, conv=None) -> jax.Array:
   """`stem_tokens` from `_stem_features_xla` and the patch embedding, as `embedding`
   selects: patchify + one matmul ('matmul'), or one stride-s convolution ('conv', no
-  patchified copy of the features)."""
+  patchified copy of the features; 3x slower on an H200, docs/performance.md)."""
   f = _stem_features_xla(x, mask, k1, b1, k2, b2, conv)
   if _embed == 'conv':
     c2, d = f.shape[-1], kernel.shape[-1]
