@@ -173,20 +173,31 @@ class StepBench:
     times = []
     for i in range(start, start + steps):
       t0 = time.perf_counter()
-      self.state, self.last_metrics = self.compiled(self.state,
-                                                    self.batches[i % len(self.batches)])
+      self._dispatch(i)
       jax.block_until_ready((self.state, self.last_metrics))
       times.append(time.perf_counter() - t0)
     return times
+
+  def _dispatch(self, i: int):
+    """Dispatches step `i` (batch i mod the cycled batches) without waiting for it."""
+    self.state, self.last_metrics = self.compiled(self.state,
+                                                  self.batches[i % len(self.batches)])
 
   def run_pipelined(self, steps: int, start: int = 0) -> float:
     """Runs `steps` steps without blocking in between; returns the total seconds."""
     t0 = time.perf_counter()
     for i in range(start, start + steps):
-      self.state, self.last_metrics = self.compiled(self.state,
-                                                    self.batches[i % len(self.batches)])
+      self._dispatch(i)
     jax.block_until_ready((self.state, self.last_metrics))
     return time.perf_counter() - t0
+
+
+def _mfu(flops_per_s_device: float, peak: hardware.Peak) -> float:
+  return flops_per_s_device / peak.flops_per_s if peak.flops_per_s > 0 else float('nan')
+
+
+def _percent(x: float) -> str:
+  return f'{100 * x:.1f}%' if np.isfinite(x) else 'n/a'
 
 
 def summarize(times: list[float], figures: dict[str, Any], samples: int, tokens: int,
@@ -205,7 +216,7 @@ def summarize(times: list[float], figures: dict[str, Any], samples: int, tokens:
   f['flops_per_s_device'] = f['flops_per_step_device'] / med
   f['peak_flops_per_s_device'] = peak.flops_per_s
   f['peak_how'] = peak.how
-  f['mfu'] = f['flops_per_s_device'] / peak.flops_per_s if peak.flops_per_s > 0 else float('nan')
+  f['mfu'] = _mfu(f['flops_per_s_device'], peak)
   return f
 
 
@@ -259,8 +270,7 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
              device_peak_mb=hardware.device_memory_peak_mb(device))
   if pipelined is not None:
     out['pipelined_steps_per_s'] = steps / pipelined
-    out['pipelined_mfu'] = (out['flops_per_step_device'] * steps / pipelined
-                            / peak.flops_per_s if peak.flops_per_s > 0 else float('nan'))
+    out['pipelined_mfu'] = _mfu(out['flops_per_step_device'] * steps / pipelined, peak)
   if profile is not None:
     profile(bench)
   return out
@@ -268,7 +278,6 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
 
 def report_lines(f: dict[str, Any]) -> list[str]:
   """Human-readable lines of `run_step` figures; the last is the contract line."""
-  mfu = f'{100 * f["mfu"]:.1f}%' if np.isfinite(f['mfu']) else 'n/a'
   lines = [
       f'step: median {f["step_median_s"]:.3f} s (p25 {f["step_p25_s"]:.3f}, p75 '
       f'{f["step_p75_s"]:.3f}, min {f["step_min_s"]:.3f}, max {f["step_max_s"]:.3f}) over '
@@ -276,15 +285,13 @@ def report_lines(f: dict[str, Any]) -> list[str]:
       f'throughput: {f["samples_per_s"]:.2f} samples/s, {f["tokens_per_s"]:.0f} tokens/s; '
       f'{f["flops_per_s"] / 1e9:.1f} GFLOP/s achieved ({f["flops_per_s_device"] / 1e9:.1f} '
       f'per device)',
-      f'MFU {mfu} of {f["peak_flops_per_s_device"] / 1e9:.0f} GFLOP/s per device '
-      f'[{f["peak_how"]}]',
+      f'MFU {_percent(f["mfu"])} of {f["peak_flops_per_s_device"] / 1e9:.0f} GFLOP/s per '
+      f'device [{f["peak_how"]}]',
   ]
   if 'pipelined_steps_per_s' in f:
-    pmfu = f['pipelined_mfu']
-    pmfu = f'{100 * pmfu:.1f}%' if np.isfinite(pmfu) else 'n/a'
     lines.append(f'pipelined (no host sync between steps): {f["pipelined_steps_per_s"]:.2f} '
                  f'steps/s, {f["pipelined_steps_per_s"] * f["samples_per_step"]:.1f} samples/s, '
-                 f'MFU {pmfu}')
+                 f'MFU {_percent(f["pipelined_mfu"])}')
   mem = f'memory: peak host RSS {f["peak_rss_mb"]:.0f} MB'
   if f.get('device_peak_mb') is not None:
     mem += f', peak device memory {f["device_peak_mb"]:.0f} MB'

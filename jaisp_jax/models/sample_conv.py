@@ -52,9 +52,10 @@ erf GELU), forward alone 0.67 -> 0.62 s; page faults 148k -> 71k per call. docs/
 
 ``'auto'`` (the default) takes 'loop' on CPU and 'im2col' elsewhere. On an H200 the
 im2col column writes are most of the ViT-B stems' time (docs/performance.md, session
-5); 'pallas' is the candidate to replace it there, pending a GPU measurement. XLA's cost analysis counts a loop body once, so FLOP counts of a
-program that uses 'loop' are too low: count FLOPs on the 'im2col' form
-(`implementation('im2col')`), as the benchmark harness does.
+5); 'pallas' is the candidate to replace it there, pending a GPU measurement. XLA's
+cost analysis counts a loop body once, so FLOP counts of a program that uses 'loop'
+are too low: count FLOPs on the 'im2col' form (`implementation('im2col')`), as the
+benchmark harness does.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def implementation(name: str):
 
 @contextlib.contextmanager
 def embedding(name: str):
-  """Selects how the XLA forms ('im2col', 'grouped', 'shift') apply the stride-s patch
+  """Selects how the XLA forms (all but 'loop') apply the stride-s patch
   embedding in functions TRACED inside the block: 'matmul' (patchify + matmul, the
   default) or 'conv' (a stride-s convolution)."""
   global _embed
@@ -531,9 +532,10 @@ def _pallas_conv3x3_fwd(x, kernel):
 
 def _pallas_conv3x3_bwd(saved, dz):
   x, kernel = saved
+  # The kernels compute in x's dtype (pallas_conv casts the kernel and dz to it); the
+  # input gradient comes out in dz's, so dz is cast first.
   dz = dz.astype(x.dtype)
-  return (_pallas_input_grad(kernel.astype(x.dtype), dz),
-          _pallas_kernel_grad(x, dz).astype(kernel.dtype))
+  return _pallas_input_grad(kernel, dz), _pallas_kernel_grad(x, dz).astype(kernel.dtype)
 
 
 _pallas_conv3x3.defvjp(_pallas_conv3x3_fwd, _pallas_conv3x3_bwd)

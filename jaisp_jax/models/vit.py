@@ -79,12 +79,13 @@ _PAD_MULTIPLE = 64  # 'cudnn_padded': sequence lengths rounded up to this
 
 
 def attention_implementation(requested: str, dtype, head_dim: int) -> str:
-  """'xla' or 'cudnn' for `requested` ('auto' resolves as the module docstring says)."""
+  """The implementation `requested` names: 'auto' resolves to 'xla' or 'cudnn' as the
+  module docstring says; the others are returned as they are."""
   if requested not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {requested!r}; expected one of '
                      f'{ATTENTION_IMPLEMENTATIONS}')
   if requested != 'auto':
-    return requested  # 'xla', 'cudnn' or 'cudnn_padded' (`padded_attention`)
+    return requested
   fused_ok = (jax.default_backend() == 'gpu'
               and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and head_dim % 8 == 0 and head_dim <= 128)
