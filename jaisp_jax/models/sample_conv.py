@@ -74,9 +74,9 @@ from jaisp_jax.models import pallas_conv
 
 IMPLEMENTATIONS = ('auto', 'loop', 'im2col', 'grouped', 'shift', 'pallas')
 _DN = ('NHWC', 'HWIO', 'NHWC')
-_impl = 'auto'
 EMBEDDINGS = ('matmul', 'conv')
-_embed = 'matmul'
+# What `implementation` and `embedding` select for functions traced now.
+_selected = {'implementation': 'auto', 'embedding': 'matmul'}
 # Samples per iteration of the token loop (`stem_tokens`): the chunk's patch-embedding
 # matmul has chunk * h * w rows, and its shared (s*s*C2, D) kernel is packed once per
 # call, so larger chunks run the matmul faster ((M, 16384) x (16384, 256) on the 2-core
@@ -87,46 +87,42 @@ _CHUNK = 8
 
 
 @contextlib.contextmanager
-def implementation(name: str):
-  """Selects the implementation for functions TRACED inside the block."""
-  global _impl
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown per-sample conv implementation {name!r}; '
-                     f'expected one of {IMPLEMENTATIONS}')
-  previous, _impl = _impl, name
+def _select(key: str, name: str, choices: tuple[str, ...], what: str):
+  """Sets `_selected[key]` to `name` (one of `choices`) for the block, then restores it."""
+  if name not in choices:
+    raise ValueError(f'unknown {what} {name!r}; expected one of {choices}')
+  previous, _selected[key] = _selected[key], name
   try:
     yield
   finally:
-    _impl = previous
+    _selected[key] = previous
 
 
-@contextlib.contextmanager
+def implementation(name: str):
+  """Selects the implementation for functions TRACED inside the block."""
+  return _select('implementation', name, IMPLEMENTATIONS, 'per-sample conv implementation')
+
+
 def embedding(name: str):
   """Selects how the XLA forms (all but 'loop') apply the stride-s patch
   embedding in functions TRACED inside the block: 'matmul' (patchify + matmul, the
   default) or 'conv' (a stride-s convolution)."""
-  global _embed
-  if name not in EMBEDDINGS:
-    raise ValueError(f'unknown patch-embedding form {name!r}; expected one of {EMBEDDINGS}')
-  previous, _embed = _embed, name
-  try:
-    yield
-  finally:
-    _embed = previous
+  return _select('embedding', name, EMBEDDINGS, 'patch-embedding form')
 
 
 def current_implementation() -> str:
   """The implementation selected for functions traced now (`implementation`)."""
-  return _impl
+  return _selected['implementation']
 
 
 def _dispatch(loop_fn, xla_fn, *args):
   """`loop_fn(*args)` for 'loop'; `xla_fn(*args, conv=<that form's conv3x3>)` for the
   XLA forms; 'auto': the loop on CPU, im2col elsewhere."""
-  if _impl == 'loop':
+  impl = _selected['implementation']
+  if impl == 'loop':
     return loop_fn(*args)
-  if _impl != 'auto':
-    return xla_fn(*args, conv=_XLA_CONVS[_impl])
+  if impl != 'auto':
+    return xla_fn(*args, conv=_XLA_CONVS[impl])
   return jax.lax.platform_dependent(
       *args, cpu=loop_fn, default=functools.partial(xla_fn, conv=conv3x3_im2col))
 
@@ -245,7 +241,7 @@ def stem_tokens_im2col(x, mask, k1, b1, k2, b2, kernel, stride: int, conv=None) 
   selects: patchify + one matmul ('matmul'), or one stride-s convolution ('conv', no
   patchified copy of the features; 3x slower on an H200, docs/performance.md)."""
   f = _stem_features_xla(x, mask, k1, b1, k2, b2, conv)
-  if _embed == 'conv':
+  if _selected['embedding'] == 'conv':
     c2, d = f.shape[-1], kernel.shape[-1]
     return jax.lax.conv_general_dilated(f, kernel.reshape(stride, stride, c2, d),
                                         (stride, stride), 'VALID', dimension_numbers=_DN)
