@@ -21,7 +21,9 @@ command line once with the tunable added when it would take effect:
 * JAISP_HUGEPAGES is not '0' (the opt-out).
 
 The restart keeps the process id, arguments and environment; it costs one Python
-start-up (~0.1 s), before anything heavy is imported.
+start-up (~0.1 s), before anything heavy is imported. It marks the environment
+(JAISP_HUGEPAGES_ADDED=1) so that `original_environment()` can give a child program
+the environment the user started us with (`bench versus` runs the PyTorch reference so).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 
 TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'JAISP_HUGEPAGES'
+ADDED = 'JAISP_HUGEPAGES_ADDED'  # set by `environment()`: the tunable was ours, not the user's
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -73,6 +76,21 @@ def environment(environ=None) -> dict[str, str]:
   env = dict(os.environ if environ is None else environ)
   current = env.get('GLIBC_TUNABLES', '')
   env['GLIBC_TUNABLES'] = f'{current}:{TUNABLE}=1' if current else f'{TUNABLE}=1'
+  env[ADDED] = '1'
+  return env
+
+
+def original_environment(environ=None) -> dict[str, str]:
+  """A copy of `environ` without what `environment()` added (the user's own settings)."""
+  env = dict(os.environ if environ is None else environ)
+  if env.pop(ADDED, None) == '1':
+    parts = env.get('GLIBC_TUNABLES', '').split(':')
+    if f'{TUNABLE}=1' in parts:
+      parts.remove(f'{TUNABLE}=1')
+    if any(parts):
+      env['GLIBC_TUNABLES'] = ':'.join(p for p in parts if p)
+    else:
+      env.pop('GLIBC_TUNABLES', None)
   return env
 
 

@@ -50,7 +50,17 @@ def test_wanted_respects_opt_out_and_an_existing_setting():
 def test_environment_extends_existing_tunables():
   assert hugepages.environment({})['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
   env = hugepages.environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'X': 'y'})
-  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1', 'X': 'y'}
+  assert env == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1', 'X': 'y',
+                 hugepages.ADDED: '1'}
+
+
+def test_original_environment_removes_only_what_the_restart_added():
+  user = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'X': 'y'}
+  assert hugepages.original_environment(hugepages.environment(user)) == user
+  assert hugepages.original_environment(hugepages.environment({'X': 'y'})) == {'X': 'y'}
+  # A user's own tunable (no marker: we did not restart) is theirs and stays.
+  own = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert hugepages.original_environment(own) == own
 
 
 def test_thp_mode_parses_the_kernel_file(tmp_path):

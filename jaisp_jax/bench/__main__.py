@@ -11,6 +11,9 @@ r"""Benchmark harness: `python -m jaisp_jax.bench <command> ...` (docs/performan
     python -m jaisp_jax.bench scaling --config=configs/jepa.py:torch_ref [--devices 1,2,4,8]
     python -m jaisp_jax.bench memory --config=configs/jepa.py:pod [--devices 8]
     python -m jaisp_jax.bench models [--variants jepa --combos rubin-rubin]
+    # ours against the PyTorch reference, alternating on this machine: the #7 ratios
+    python -m jaisp_jax.bench versus --reference ../shared/bench/torch_ref \
+        --reference-python ~/.venv-torch/bin/python [--rounds 2]
 
 Every command prints its figures and, with --out FILE, saves them as JSON.
 `scaling` and `memory` simulate CPU devices (jax_num_cpu_devices) when the platform
@@ -108,6 +111,31 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--crop-arcsec', type=float, default=25.6)
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--out', default=None)
+
+  p = sub.add_parser('versus', help='ours vs the PyTorch reference, alternating: the ratios')
+  p.add_argument('--reference', required=True, metavar='DIR',
+                 help='the PyTorch reference folder (its bench.py), e.g. ../shared/bench/torch_ref')
+  p.add_argument('--reference-python', default='python3', metavar='PYTHON',
+                 help='the interpreter with torch installed that runs the reference')
+  p.add_argument('--reference-args', default='', metavar='ARGS',
+                 help="extra arguments for the reference's bench.py (e.g. '--size 64 --batch 8' "
+                      "beside the matching --config overrides)")
+  p.add_argument('--config', default='configs/jepa.py:torch_ref',
+                 help='our config (default: the reference\'s configuration); --config.<field>='
+                      '<value> overrides fields')
+  p.add_argument('--quotas', default=None, help='as for `step`')
+  p.add_argument('--rounds', type=int, default=2,
+                 help='rounds of ours, eager, compile (reversed in even rounds)')
+  p.add_argument('--steps', type=int, default=10, help='timed steps per run (both programs)')
+  p.add_argument('--warmup', type=int, default=3, help='untimed steps per run (both programs)')
+  p.add_argument('--threads', type=int, default=0,
+                 help="the reference's --threads (default: the CPUs this process may use)")
+  p.add_argument('--no-compile', action='store_true', help='skip the torch.compile runs')
+  p.add_argument('--reference-hugepages', action='store_true',
+                 help='run the reference with glibc.malloc.hugetlb=1 too (what ours sets for '
+                      'itself, jaisp_jax/hugepages.py); default: as shipped')
+  p.add_argument('--timeout', type=float, default=3600, help='seconds per run at most')
+  p.add_argument('--out', default=None, help='save the runs and ratios as JSON here')
   return parser
 
 
@@ -221,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaisp_jax.bench import models  # pylint: disable=g-import-not-at-top
     _save(args.out, models.run(args.variants.split(','), args.combos.split(','),
                                args.crop_arcsec, args.batch))
+  elif args.command == 'versus':
+    from jaisp_jax.bench import versus  # pylint: disable=g-import-not-at-top
+    _save(args.out, versus.run(args, overrides, log=lambda m: print(m, flush=True)))
   return 0
 
 
