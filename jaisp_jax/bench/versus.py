@@ -116,7 +116,6 @@ def commands(args, overrides: Sequence[str]) -> dict[str, tuple[list[str], str, 
   python = args.reference_python
   if os.sep in python and not os.access(python, os.X_OK):
     raise UserError(f'--reference-python {python}: not an executable file')
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   timing = ['--steps', str(args.steps), '--warmup', str(args.warmup)]
   ours = [sys.executable, '-m', 'jaisp_jax.bench', 'step', f'--config={args.config}', *timing]
   if args.quotas:
@@ -126,7 +125,9 @@ def commands(args, overrides: Sequence[str]) -> dict[str, tuple[list[str], str, 
            *shlex.split(args.reference_args or '')]
   env = hugepages.original_environment()
   ref_env = hugepages.environment(env) if args.reference_hugepages else env
-  out = {'ours': (ours, repo, env), 'eager': (eager, ref, ref_env)}
+  # Ours runs where this command was started, as the user would run it (a relative
+  # --config resolves there); the reference in its folder, as its README says.
+  out = {'ours': (ours, os.getcwd(), env), 'eager': (eager, ref, ref_env)}
   if not args.no_compile:
     out['compile'] = (eager + ['--compile'], ref, ref_env)
   return out
