@@ -16,11 +16,9 @@ import pytest
 from jaisp_jax.bench import versus
 from jaisp_jax.cli import UserError
 
+from bench_test import TINY  # the torch_ref architecture at toy sizes (tests/bench_test.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config.data.crop_arcsec=6.4', '--config.model.trunk.embed_dim=32',
-        '--config.model.trunk.depth=1', '--config.model.trunk.num_heads=2',
-        '--config.model.trunk.learned_pos_grid=2', '--config.model.predictor.hidden=64',
-        '--config.model.stem.hidden=4', '--config.model.stem.channels=8']
 
 # A stand-in for shared/bench/torch_ref/bench.py: records its arguments and environment,
 # prints some output and then the contract line (compile faster than eager, as torch's).

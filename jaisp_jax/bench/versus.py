@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from jaisp_jax import hugepages
+from jaisp_jax.bench import hardware
 from jaisp_jax.cli import UserError
 
 CONTRACT = re.compile(r'^steps_per_s=(\S+) samples_per_s=(\S+) peak_rss_mb=(\S+)$')
@@ -93,14 +94,6 @@ def busy_fraction(seconds: float = 1.0) -> float | None:
   return 1.0 - (after[1] - before[1]) / (after[0] - before[0])
 
 
-def cpu_count() -> int:
-  """CPUs this process may run on."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def commands(args, overrides: Sequence[str]) -> dict[str, tuple[list[str], str, dict]]:
   """(argv, cwd, environment) of each program from the parsed `versus` arguments.
 
@@ -121,7 +114,7 @@ def commands(args, overrides: Sequence[str]) -> dict[str, tuple[list[str], str, 
   if args.quotas:
     ours += ['--quotas', args.quotas]
   ours += list(overrides)
-  eager = [python, script, '--threads', str(args.threads or cpu_count()), *timing,
+  eager = [python, script, '--threads', str(args.threads or hardware.cpu_cores()), *timing,
            *shlex.split(args.reference_args or '')]
   env = hugepages.original_environment()
   ref_env = hugepages.environment(env) if args.reference_hugepages else env
@@ -218,7 +211,8 @@ def run(args, overrides: Sequence[str], log: Callable[[str], None] = print) -> d
            else '') + ')')
     runs.append(res)
   summary = summarize(runs)
-  summary.update(runs=runs, cpus=cpu_count(), threads=args.threads or cpu_count(),
+  cores = hardware.cpu_cores()
+  summary.update(runs=runs, cpus=cores, threads=args.threads or cores,
                  reference_hugepages=bool(args.reference_hugepages))
   for line in report_lines(summary):
     log(line)
