@@ -93,7 +93,9 @@ BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
 VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
 B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
-ALL="vitb_bf16_b256_pallas vitb_bf16_b256 vitb_bf16_b256_patchstem_attnpad
+# 'vitb_bf16_b256' takes the stems' 'auto' form, which is 'pallas' on CUDA since session 8;
+# 'vitb_bf16_b256_im2col' is the form it replaced.
+ALL="vitb_bf16_b256 vitb_bf16_b256_im2col vitb_bf16_b256_pallas vitb_bf16_b256_patchstem_attnpad
      vitb_bf16_b256_pallas_attnpad base_bf16_xla base_bf16 vitb_bf16_b256_patchstem
      vitb_bf16_b512_patchstem base_bf16_pallas vitb_bf16_b256_shift
      vitb_bf16_b256_sconv vitb_bf16_b256_shift_sconv vitb_bf16_b256_grouped base_bf16_grouped
@@ -109,6 +111,7 @@ for r in ${RUNS:-$ALL}; do
       step $r "${VITB[@]}" "${B256[@]}" --profile /tmp/jaisp_trace_vitb ;;
     vitb_bf16_b256_grouped) step $r "${VITB[@]}" "${B256[@]}" --stem-conv grouped ;;
     vitb_bf16_b256_pallas) step $r "${VITB[@]}" "${B256[@]}" --stem-conv pallas ;;
+    vitb_bf16_b256_im2col) step $r "${VITB[@]}" "${B256[@]}" --stem-conv im2col ;;
     vitb_bf16_b256_pallas_attnpad) step $r "${VITB[@]}" "${B256[@]}" --stem-conv pallas \
       --config.model.trunk.attention=cudnn_padded ;;
     vitb_bf16_b256_patchstem_attnpad) step $r "${VITB[@]}" "${B256[@]}" \

@@ -253,3 +253,40 @@ def test_pallas_conv_sharded_over_the_batch_matches_one_device():
   with sample_conv.implementation('pallas'):
     out = jax.jit(sample_conv.conv3x3)(sh(x), sh(k))
   assert out.sharding.spec[0] == 'data'
+
+
+def _lowered_text(impl, platform, x, k):
+  def f(a, b):
+    with sample_conv.implementation(impl):
+      return jax.value_and_grad(
+          lambda a, b: jnp.sum(sample_conv.conv3x3(a, b).astype(jnp.float32)), (0, 1))(a, b)
+  return jax.jit(f).trace(x, k).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_auto_form_lowers_to_triton_kernels_for_cuda_and_to_plain_xla_on_cpu():
+  # The choice is made per lowering platform, so a CPU host can lower for CUDA: the
+  # forward, input-gradient and kernel-gradient kernels become Triton custom calls there
+  # (the GPU default, docs/performance.md session 8); on CPU no Triton call is emitted.
+  x, k = _pallas_inputs(dtype=jnp.bfloat16)
+  cuda = _lowered_text('auto', 'cuda', x, k)
+  assert cuda.count('__gpu$xla.gpu.triton') >= 3
+  assert 'sample_conv3x3_kernel_grad' in cuda
+  assert '__gpu$xla.gpu.triton' not in _lowered_text('auto', 'cpu', x, k)
+  assert '__gpu$xla.gpu.triton' not in _lowered_text('pallas', 'cpu', x, k)
+  # explicitly chosen forms keep their choice on every platform: im2col has no kernels
+  assert '__gpu$xla.gpu.triton' not in _lowered_text('im2col', 'cuda', x, k)
+
+
+@pytest.mark.parametrize('co_major', [False, True])
+def test_pallas_kernel_grad_layouts_and_row_splits_agree_with_the_reference(monkeypatch, co_major):
+  # Both accumulation layouts of `kernel_grad` (launch/tune_pallas.py picks between them),
+  # with a split of the rows that does not divide them evenly at first (16 -> 4 here).
+  from jaisp_jax.models import pallas_conv
+  monkeypatch.setattr(pallas_conv, '_KGRAD_CO_MAJOR', co_major)
+  monkeypatch.setattr(pallas_conv, '_SPLIT', 16)
+  x, k = _pallas_inputs(g=2, hgt=4, wid=64, ci=16, co=32)
+  dz = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 64, 32)), jnp.float32)
+  got = jax.jit(pallas_conv.kernel_grad)(x, dz)
+  want = jax.grad(lambda b: jnp.sum(_reference_conv(x, b) * dz))(k)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
+  assert float(jnp.abs(want).max()) > 1.0

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--stem-conv', default='auto',
                  choices=('auto', 'loop', 'im2col', 'grouped', 'shift', 'pallas'),
                  help="per-sample stem convolution form (models/sample_conv.py); 'auto': "
-                      "'loop' on CPU, 'im2col' elsewhere")
+                      "'loop' on CPU, 'pallas' on CUDA GPUs, 'im2col' elsewhere")
   p.add_argument('--stem-embed', default='matmul', choices=('matmul', 'conv'),
                  help="patch embedding of the XLA stem forms: patchify + matmul, or a "
                       "stride-s convolution (models/sample_conv.py)")
