@@ -42,8 +42,9 @@ _KGRAD_CO_MAJOR = True    # `kernel_grad` accumulates (Co, Ci) = dz^T x, not (Ci
 # bf16): the forward took 3.7-3.9 ms at tiles of 128 or 256 px with 4 or 8 warps and
 # 2 or 3 stages alike (512 px: 4.6-8.1 ms). The kernel gradient took 6.3 ms co-major
 # against 8.9-9.0 ms Ci-major (a guess at why: the dots' M dimension is then Co = 64,
-# the row count of Hopper's warp-group MMA, rather than Ci = 32); 8 warps were slower (8.6-15 ms), 512-px tiles slower
-# or over the shared memory; split 16 or 4 alike (6.31 / 6.43 ms).
+# the row count of Hopper's warp-group MMA, rather than Ci = 32); 8 warps were slower
+# (8.6-15 ms), 512-px tiles slower or over the shared memory; split 16 or 4 alike
+# (6.31 / 6.43 ms).
 _NUM_WARPS = 4            # Triton launch of `conv3x3` (forward and input gradient)
 _NUM_STAGES = 2
 _KGRAD_NUM_WARPS = 4      # and of `kernel_grad`

@@ -53,7 +53,7 @@ erf GELU), forward alone 0.67 -> 0.62 s; page faults 148k -> 71k per call. docs/
 ``'auto'`` (the default) takes 'loop' on CPU, 'pallas' on CUDA GPUs and 'im2col'
 elsewhere (TPU, ROCm: not measured). On an H200 the im2col column writes were most of
 the ViT-B stems' time (docs/performance.md, session 5); 'pallas' removed them: ViT-B
-bf16 at 256 pairs ran 2052 samples/s against im2col's 1661 (+24%, session 8). XLA's
+bf16 at 256 pairs ran 2133 samples/s against im2col's 1661 (+28%, session 8). XLA's
 cost analysis counts a loop body once, so FLOP counts of a program that uses 'loop'
 are too low: count FLOPs on the 'im2col' form (`implementation('im2col')`), as the
 benchmark harness does.
