@@ -61,8 +61,9 @@ def tune(groups, size, ci, co, log=print) -> dict:
   n = min(groups, 8)
   f32 = lambda a: a[:n].astype(jnp.float32)
   ref_y = jax.jit(sample_conv.conv3x3_im2col)(f32(x), f32(k))
-  ref_k = jax.jit(jax.grad(lambda kk: jnp.sum(sample_conv.conv3x3_im2col(f32(x), kk)
-                                              * f32(dz))))(f32(k))
+  # x and dz as arguments, not closed over: XLA would constant-fold them (GBs)
+  ref_k = jax.jit(jax.grad(lambda kk, xx, dd: jnp.sum(sample_conv.conv3x3_im2col(xx, kk) * dd)))(
+      f32(k), f32(x), f32(dz))
   defaults = {name: getattr(pallas_conv, name) for name in {**CONV, **KGRAD}}
   results = {'shape': [groups, size, size, ci, co], 'defaults': defaults, 'conv': [], 'kgrad': []}
   for part, space, fn, ref in (
