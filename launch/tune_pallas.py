@@ -66,17 +66,20 @@ def tune(groups, size, ci, co, log=print) -> dict:
       f32(k), f32(x), f32(dz))
   defaults = {name: getattr(pallas_conv, name) for name in {**CONV, **KGRAD}}
   results = {'shape': [groups, size, size, ci, co], 'defaults': defaults, 'conv': [], 'kgrad': []}
-  for part, space, fn, ref in (
-      ('conv', CONV, pallas_conv.conv3x3, ref_y), ('kgrad', KGRAD, pallas_conv.kernel_grad, ref_k)):
+  # part -> (its launch constants, the kernel, its second argument, the reference)
+  parts = {'conv': (CONV, pallas_conv.conv3x3, k, ref_y),
+           'kgrad': (KGRAD, pallas_conv.kernel_grad, dz, ref_k)}
+  for part, (space, fn, arg, ref) in parts.items():
     for values in itertools.product(*space.values()):
       setting = dict(zip(space, values))
       _set({**defaults, **setting})
-      arg = k if part == 'conv' else dz
       try:
-        f = jax.jit(lambda a, b, fn=fn: fn(a, b))  # a fresh function: traced with this setting
-        # The program's fingerprint: settings that change the kernels change it (on a
-        # GPU all of them; in interpret mode the tiles, split and layout).
-        program = hashlib.sha1(f.lower(x, arg).as_text().encode()).hexdigest()[:12]
+        # A fresh function, so it is traced with this setting; lowered once, for both
+        # its fingerprint (settings that change the kernels change it: on a GPU all of
+        # them, in interpret mode the tiles, split and layout) and the timed program.
+        lowered = jax.jit(lambda a, b, fn=fn: fn(a, b)).lower(x, arg)
+        program = hashlib.sha1(lowered.as_text().encode()).hexdigest()[:12]
+        f = lowered.compile()
         out = f(x, arg)
         row = {**setting, 'ms': _time(f, x, arg), 'rel_err': _rel(out[:n], ref),
                'program': program}
@@ -87,13 +90,13 @@ def tune(groups, size, ci, co, log=print) -> dict:
       results[part].append(row)
   _set(defaults)
   best = {}
-  for part in ('conv', 'kgrad'):
+  for part, (space, *_) in parts.items():
     ok = [r for r in results[part] if r.get('ms') and r['rel_err'] < 2e-2]
     if ok:
       b = min(ok, key=lambda r: r['ms'])
-      best.update({kk: b[kk] for kk in (CONV if part == 'conv' else KGRAD)})
-      dflt = [r for r in ok if all(r[kk] == defaults[kk] for kk in (CONV if part == 'conv' else KGRAD))]
-      log(f'{part}: best {b["ms"]:.2f} ms ({ {kk: b[kk] for kk in (CONV if part == "conv" else KGRAD)} })'
+      best.update({kk: b[kk] for kk in space})
+      dflt = [r for r in ok if all(r[kk] == defaults[kk] for kk in space)]
+      log(f'{part}: best {b["ms"]:.2f} ms ({ {kk: b[kk] for kk in space} })'
           + (f', defaults {dflt[0]["ms"]:.2f} ms' if dflt else ''))
   results['best'] = best
   return results
