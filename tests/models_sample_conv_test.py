@@ -107,11 +107,11 @@ def test_unknown_implementation_is_refused():
 D = 6
 
 
-def _tokens_inputs(g, seed):
+def _tokens_inputs(g, seed, ci=CI):
   r = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
   mask = jnp.asarray(r.random((g, H, W)) > 0.2, jnp.float32)
-  return (f(g, H, W, CI), mask, 0.3 * f(g, 3, 3, CI, C1), f(g, C1), 0.3 * f(g, 3, 3, C1, C2),
+  return (f(g, H, W, ci), mask, 0.3 * f(g, 3, 3, ci, C1), f(g, C1), 0.3 * f(g, 3, 3, C1, C2),
           f(g, C2), 0.2 * f(S * S * C2, D))
 
 
@@ -128,12 +128,14 @@ def _tokens(impl, embed='matmul'):
 
 
 # g = 5: the loop's chunks of samples fall back to one sample per chunk (5 is prime).
-# 'conv': the XLA forms' patch embedding as a stride-S convolution.
-@pytest.mark.parametrize('impl,g,embed', [('loop', 4, 'matmul'), ('loop', 5, 'matmul'),
-                                          ('im2col', 4, 'matmul'), ('grouped', 4, 'matmul'),
-                                          ('shift', 4, 'matmul'), ('im2col', 4, 'conv')])
-def test_stem_tokens_match_reference_values_and_all_gradients(impl, g, embed):
-  args = _tokens_inputs(g, 6)
+# 'conv': the XLA forms' patch embedding as a stride-S convolution. ci = 6: the loop's
+# first layer as a native convolution (at most 4 input channels take im2col + matmul).
+@pytest.mark.parametrize('impl,g,embed,ci', [
+    ('loop', 4, 'matmul', CI), ('loop', 5, 'matmul', CI), ('loop', 4, 'matmul', 6),
+    ('im2col', 4, 'matmul', CI), ('grouped', 4, 'matmul', CI), ('shift', 4, 'matmul', CI),
+    ('im2col', 4, 'conv', CI)])
+def test_stem_tokens_match_reference_values_and_all_gradients(impl, g, embed, ci):
+  args = _tokens_inputs(g, 6, ci)
   out = jax.jit(_tokens(impl, embed))(*args)
   assert out.shape == (g, H // S, W // S, D)
   np.testing.assert_allclose(out, _reference_tokens(*args), rtol=1e-4, atol=1e-4)
