@@ -23,7 +23,8 @@ followed by its shared stride-s patch embedding; `conv3x3` for one layer):
   (Triton) kernels of models/pallas_conv.py: no column buffer, one kernel each for the
   forward, the input gradient and the kernel gradient (GPUs; interpret mode elsewhere).
 * ``'loop'``: a loop over the samples (`lax.map`) whose body runs the WHOLE stem of
-  one sample -- native convolutions, GELU, mask, patchify -- on a working set of a
+  one sample -- native convolutions (the first layer, of at most `_COLS_MAX_CI` input
+  channels, as im2col + one matmul), GELU, mask, patchify -- on a working set of a
   few MB, with a custom VJP: the backward recomputes conv1 (2 input channels) and
   differentiates with the fast convolution forms (input gradient: the convolution with
   the kernel rotated by 180 degrees and its channel axes swapped; kernel gradient: a
