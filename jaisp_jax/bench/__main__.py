@@ -6,6 +6,9 @@ r"""Benchmark harness: `python -m jaisp_jax.bench <command> ...` (docs/performan
     # any experiment / size / override; --profile adds a per-part time breakdown
     python -m jaisp_jax.bench step --config=configs/detr_jepa.py:base --steps 5 --warmup 2 \
         --config.model.dtype=bfloat16 --profile /tmp/trace
+    # variants of the step against each other, interleaved in one process (A/B decisions)
+    python -m jaisp_jax.bench ab --config=configs/jepa.py:torch_ref --variant base= \
+        --variant ynn=--config.cpu_convolutions=ynnpack [--rounds 6 --steps 4]
     python -m jaisp_jax.bench pipeline --config=configs/jepa.py:torch_ref [--step-json step.json]
     python -m jaisp_jax.bench matching [--batch 64 --size 100]
     python -m jaisp_jax.bench scaling --config=configs/jepa.py:torch_ref [--devices 1,2,4,8]
@@ -73,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
                       "stride-s convolution (models/sample_conv.py)")
   p.add_argument('--dump', default=None, metavar='DIR',
                  help='write the lowered (StableHLO) and optimised HLO of the step into DIR')
+
+  p = sub.add_parser('ab', help='variants of the train step, interleaved in one process')
+  _config_args(p)
+  p.add_argument('--variant', action='append', required=True, metavar='NAME=FLAGS',
+                 help="a variant: a name and flags on top of the common ones "
+                      "(--config.<field>=<value>, --stem-conv=<form>, --stem-embed=<form>), "
+                      "e.g. 'base=' or 'ynn=--config.cpu_convolutions=ynnpack'; give two or "
+                      "more, the first is the baseline")
+  p.add_argument('--rounds', type=int, default=6,
+                 help='rounds over the variants (order reversed every other round)')
+  p.add_argument('--steps', type=int, default=4, help='timed steps per variant per round')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps per variant first')
 
   p = sub.add_parser('pipeline', help='input pipeline samples/s beside the step rate')
   _config_args(p, required=False)
@@ -231,6 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise cli.UserError(f'unexpected arguments: {" ".join(unknown)}')
   if args.command == 'step':
     _step(args, overrides)
+  elif args.command == 'ab':
+    from jaisp_jax.bench import ab  # pylint: disable=g-import-not-at-top
+    variants = ab.parse_variants(args.variant)
+    figures = ab.run(args.config, overrides, variants, quotas_arg=args.quotas,
+                     rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                     log=lambda m: print(m, flush=True))
+    _save(args.out, figures)
+    for line in ab.report_lines(figures):
+      print(line, flush=True)
   elif args.command == 'pipeline':
     from jaisp_jax.bench import pipeline  # pylint: disable=g-import-not-at-top
     _save(args.out, pipeline.main(args, overrides))

@@ -1,0 +1,79 @@
+"""`python -m jaisp_jax.bench ab`: variants of the step timed interleaved in one process.
+
+Tiny configs (as tests/bench_test.py); no timed assertions: the checks are that every
+variant really is its own program, is timed as asked, and that the ratios are computed
+from the times reported.
+"""
+
+import statistics
+
+import pytest
+
+from jaisp_jax.bench import ab
+from jaisp_jax.bench import scaling
+from jaisp_jax.cli import UserError
+
+SPEC = 'configs/jepa.py:torch_ref'
+TINY = ['--config.data.crop_arcsec=6.4', '--config.model.trunk.embed_dim=32',
+        '--config.model.trunk.depth=1', '--config.model.trunk.num_heads=2',
+        '--config.model.trunk.learned_pos_grid=2', '--config.model.predictor.hidden=64',
+        '--config.model.stem.hidden=4', '--config.model.stem.channels=8']
+
+
+def test_variant_specs_are_parsed_into_overrides_and_stem_forms():
+  v = ab.parse_variant("deep=--config.model.trunk.depth=2 --stem-conv im2col "
+                       "--stem-embed=conv")
+  assert (v.name, v.overrides, v.stem_conv, v.stem_embed) == (
+      'deep', ['--config.model.trunk.depth=2'], 'im2col', 'conv')
+  base = ab.parse_variant('base=')
+  assert (base.overrides, base.stem_conv, base.stem_embed) == ([], 'auto', 'matmul')
+
+
+@pytest.mark.parametrize('specs,match', [
+    (['base'], 'NAME=FLAGS'),
+    (['=--config.optim.lr=1'], 'NAME=FLAGS'),
+    (['base=', 'x=--steps=3'], 'unexpected flag'),
+    (['base=', 'x=--stem-conv=winograd'], 'stem-conv must be one of'),
+    (['base=', 'x=--stem-conv'], 'needs a value'),
+    (['base='], 'at least two'),
+    (['a=', 'a=--config.optim.lr=1'], 'must differ'),
+])
+def test_malformed_variants_are_refused(specs, match):
+  with pytest.raises(UserError, match=match):
+    ab.parse_variants(specs)
+
+
+def test_cli_refuses_a_lone_variant_before_compiling_anything():
+  from jaisp_jax.bench import __main__ as cli_main
+  with pytest.raises(UserError, match='at least two'):
+    cli_main.main(['ab', f'--config={SPEC}', '--variant', 'base='] + TINY)
+
+
+def test_variants_are_separate_programs_timed_in_alternating_rounds():
+  variants = ab.parse_variants(['base=', 'deep=--config.model.trunk.depth=2 --stem-conv=im2col'])
+  log = []
+  fig = ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=3, steps=2,
+               warmup=1, mesh=scaling.make_mesh(1, 1), log=log.append)
+  base, deep = fig['variants']['base'], fig['variants']['deep']
+  # The overrides reached each variant's program: a second trunk block costs FLOPs.
+  assert deep['flops_per_step_device'] > base['flops_per_step_device'] > 0
+  assert deep['stem_conv'] == 'im2col' and base['stem_conv'] == 'auto'
+  for f in (base, deep):
+    assert len(f['times_s']) == 6 and len(f['round_medians_s']) == 3
+    assert min(f['times_s']) > 0
+    assert f['median_s'] == pytest.approx(statistics.median(f['times_s']))
+    assert f['min_s'] <= f['p25_s'] <= f['median_s'] <= f['p75_s'] <= f['max_s']
+    assert f['samples_per_s_at_median'] == pytest.approx(2 / f['median_s'])
+    # Each round's median is the median of that round's two steps.
+    for r in range(3):
+      assert f['round_medians_s'][r] == pytest.approx(
+          statistics.median(f['times_s'][2 * r:2 * r + 2]))
+  assert fig['baseline'] == 'base' and base['ratio_to_baseline'] == 1.0
+  assert deep['ratio_to_baseline'] == pytest.approx(deep['median_s'] / base['median_s'])
+  want = [a / b for a, b in zip(deep['round_medians_s'], base['round_medians_s'])]
+  assert deep['round_ratios_to_baseline'] == pytest.approx(want)
+  assert deep['faster_rounds'] == sum(x < 1 for x in want)
+  assert sum(line.startswith('round ') for line in log) == 3
+  lines = ab.report_lines(fig)
+  assert lines[0].split()[0] == 'variant' and lines[1].startswith('base')
+  assert any(line.startswith('deep / base per round:') for line in lines)
