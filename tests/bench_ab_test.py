@@ -50,15 +50,18 @@ def test_cli_refuses_a_lone_variant_before_compiling_anything():
 
 
 def test_variants_are_separate_programs_timed_in_alternating_rounds():
-  variants = ab.parse_variants(['base=', 'deep=--config.model.trunk.depth=2 --stem-conv=im2col'])
+  variants = ab.parse_variants(['base=', 'deep=--config.model.trunk.depth=2',
+                                'im2col=--stem-conv=im2col'])
   log = []
   fig = ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=3, steps=2,
                warmup=1, mesh=scaling.make_mesh(1, 1), log=log.append)
-  base, deep = fig['variants']['base'], fig['variants']['deep']
-  # The overrides reached each variant's program: a second trunk block costs FLOPs.
+  base, deep, im2col = (fig['variants'][n] for n in ('base', 'deep', 'im2col'))
+  # Each variant's flags reached its program: a second trunk block costs FLOPs, and the
+  # im2col stems compile to another program than the CPU loop.
   assert deep['flops_per_step_device'] > base['flops_per_step_device'] > 0
-  assert deep['stem_conv'] == 'im2col' and base['stem_conv'] == 'auto'
-  for f in (base, deep):
+  assert im2col['stem_conv'] == 'im2col' and base['stem_conv'] == 'auto'
+  assert len({f['program_sha1'] for f in (base, deep, im2col)}) == 3
+  for f in (base, deep, im2col):
     assert len(f['times_s']) == 6 and len(f['round_medians_s']) == 3
     assert min(f['times_s']) > 0
     assert f['median_s'] == pytest.approx(statistics.median(f['times_s']))

@@ -21,6 +21,7 @@ many rounds the variant was faster. Nothing is asserted: the figures are the res
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shlex
 import statistics
 import time
@@ -121,8 +122,9 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
     figures['variants'][v.name] = dict(
         flags=v.flags, overrides=v.overrides, stem_conv=v.stem_conv, stem_embed=v.stem_embed,
         samples_per_step=samples, compile_s=bench.figures['compile_s'],
-        flops_per_step_device=bench.figures.get('flops_per_step_device'), times_s=[],
-        round_medians_s=[])
+        flops_per_step_device=bench.figures.get('flops_per_step_device'),
+        program_sha1=hashlib.sha1(bench.compiled.as_text().encode()).hexdigest()[:12],
+        times_s=[], round_medians_s=[])
 
   names = [v.name for v in variants]
   done = {n: warmup for n in names}
