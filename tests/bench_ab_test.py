@@ -37,6 +37,7 @@ def test_variant_specs_are_parsed_into_overrides_and_stem_forms():
     (['base=', 'x=--stem-conv'], 'needs a value'),
     (['base='], 'at least two'),
     (['a=', 'a=--config.optim.lr=1'], 'must differ'),
+    (['base=', "x='--config.optim.lr=1"], 'cannot split'),
 ])
 def test_malformed_variants_are_refused(specs, match):
   with pytest.raises(UserError, match=match):
@@ -47,6 +48,15 @@ def test_cli_refuses_a_lone_variant_before_compiling_anything():
   from jaisp_jax.bench import __main__ as cli_main
   with pytest.raises(UserError, match='at least two'):
     cli_main.main(['ab', f'--config={SPEC}', '--variant', 'base='] + TINY)
+
+
+def test_a_bad_override_in_a_later_variant_fails_before_any_compile():
+  log = []
+  variants = ab.parse_variants(['base=', 'bad=--config.model.no_such_field=1'])
+  with pytest.raises(UserError, match='no_such_field'):
+    ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=1, steps=1, warmup=0,
+           mesh=scaling.make_mesh(1, 1), log=log.append)
+  assert log == []  # nothing was compiled or timed
 
 
 def test_variants_are_separate_programs_timed_in_alternating_rounds():

@@ -55,7 +55,10 @@ def parse_variant(spec: str) -> Variant:
     raise UserError(f"--variant {spec!r}: expected NAME=FLAGS, e.g. 'base=' or "
                     "'ynn=--config.cpu_convolutions=ynnpack'")
   variant = Variant(name=name, flags=flags.strip(), overrides=[])
-  words = shlex.split(flags)
+  try:
+    words = shlex.split(flags)
+  except ValueError as e:  # an unbalanced quote
+    raise UserError(f'--variant {name}: cannot split its flags ({e})') from None
   i = 0
   while i < len(words):
     word = words[i]
@@ -104,8 +107,9 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
                     f'{rounds}, {steps}, {warmup})')
   benches, figures = {}, {'config': config_spec, 'overrides': list(common), 'rounds': rounds,
                           'steps_per_round': steps, 'warmup': warmup, 'variants': {}}
-  for v in variants:
-    config = configs.load_config(config_spec, list(common) + v.overrides)
+  # Every variant's config first, so that a bad override fails before any compile.
+  loaded = [configs.load_config(config_spec, list(common) + v.overrides) for v in variants]
+  for v, config in zip(variants, loaded):
     registry = bands_lib.BandRegistry.from_config(config.bands)
     data_parallel = sharding.data_size(mesh if mesh is not None else sharding.make_mesh(config))
     quotas = configs.bench_quotas(config, registry, data_parallel, quotas_arg)
