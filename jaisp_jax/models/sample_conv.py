@@ -285,14 +285,10 @@ _COLS_MAX_CI = 4
 
 
 def _conv_one_cols(x, kernel):  # (H, W, Ci), (3, 3, Ci, Co) -> (H, W, Co)
-  """`_conv_one_raw` as im2col + one matmul: for inputs of very few channels, whose
-  (H W, 9 Ci) columns are small."""
-  hgt, wid, ci = x.shape
-  xp = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
-  cols = jnp.concatenate([xp[dy:dy + hgt, dx:dx + wid] for dy in range(3) for dx in range(3)],
-                         axis=-1)  # (H, W, 9 Ci), (dy, dx, c) order = the kernel's
-  out = cols.reshape(hgt * wid, 9 * ci) @ kernel.reshape(9 * ci, -1)
-  return out.reshape(hgt, wid, -1)
+  """`_conv_one_raw` as im2col + one matmul (`conv3x3_im2col` of a batch of one; XLA
+  drops the unit batch axis): for inputs of very few channels, whose (H W, 9 Ci)
+  columns are small."""
+  return conv3x3_im2col(x[None], kernel[None])[0]
 
 
 def _z1(x, k1, b1):
