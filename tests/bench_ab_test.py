@@ -13,11 +13,7 @@ from jaisp_jax.bench import ab
 from jaisp_jax.bench import scaling
 from jaisp_jax.cli import UserError
 
-SPEC = 'configs/jepa.py:torch_ref'
-TINY = ['--config.data.crop_arcsec=6.4', '--config.model.trunk.embed_dim=32',
-        '--config.model.trunk.depth=1', '--config.model.trunk.num_heads=2',
-        '--config.model.trunk.learned_pos_grid=2', '--config.model.predictor.hidden=64',
-        '--config.model.stem.hidden=4', '--config.model.stem.channels=8']
+from bench_test import SPEC, TINY  # tests/ is on sys.path (pytest's rootdir import)
 
 
 def test_variant_specs_are_parsed_into_overrides_and_stem_forms():

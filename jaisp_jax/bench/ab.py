@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax.bench import configs
@@ -92,12 +91,6 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
   return variants
 
 
-def _stats(times: Sequence[float]) -> dict[str, float]:
-  q = np.percentile(times, [25, 75])
-  return dict(median_s=statistics.median(times), p25_s=float(q[0]), p75_s=float(q[1]),
-              min_s=min(times), max_s=max(times))
-
-
 def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
         quotas_arg: str | None = None, rounds: int = 6, steps: int = 4, warmup: int = 2,
         mesh=None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -145,7 +138,7 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
   base = names[0]
   for name in names:
     f = figures['variants'][name]
-    f.update(_stats(f['times_s']))
+    f.update(step_lib.time_stats(f['times_s']))
     f['samples_per_s_at_median'] = f['samples_per_step'] / f['median_s']
     per_round = [a / b for a, b in zip(f['round_medians_s'],
                                        figures['variants'][base]['round_medians_s'])]

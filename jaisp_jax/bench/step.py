@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -200,16 +200,23 @@ def _percent(x: float) -> str:
   return f'{100 * x:.1f}%' if np.isfinite(x) else 'n/a'
 
 
+def time_stats(times: Sequence[float]) -> dict[str, float]:
+  """median_s, p25_s, p75_s, min_s, max_s of step times."""
+  q = np.percentile(times, [25, 75])
+  return dict(median_s=statistics.median(times), p25_s=float(q[0]), p75_s=float(q[1]),
+              min_s=min(times), max_s=max(times))
+
+
 def summarize(times: list[float], figures: dict[str, Any], samples: int, tokens: int,
               peak: hardware.Peak, n_devices: int) -> dict[str, Any]:
   """Adds time, throughput and MFU figures of the timed steps to `figures`."""
-  q = np.percentile(times, [25, 75])
-  med = statistics.median(times)
+  stats = time_stats(times)
+  med = stats['median_s']
   total = sum(times)
   f = dict(figures)
-  f.update(steps=len(times), step_median_s=med, step_min_s=min(times), step_max_s=max(times),
-           step_p25_s=float(q[0]), step_p75_s=float(q[1]), timed_s=total,
-           steps_per_s=len(times) / total, samples_per_step=samples, tokens_per_step=tokens)
+  f.update({f'step_{k}': v for k, v in stats.items()})
+  f.update(steps=len(times), timed_s=total, steps_per_s=len(times) / total,
+           samples_per_step=samples, tokens_per_step=tokens)
   f['samples_per_s'] = f['steps_per_s'] * samples
   f['tokens_per_s'] = f['steps_per_s'] * tokens
   f['flops_per_s'] = f['flops_per_step'] / med
