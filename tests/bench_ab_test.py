@@ -11,6 +11,7 @@ import pytest
 
 from jaisp_jax.bench import ab
 from jaisp_jax.bench import scaling
+from jaisp_jax.bench import step as step_lib
 from jaisp_jax.cli import UserError
 
 from bench_test import SPEC, TINY  # tests/ is on sys.path (pytest's rootdir import)
@@ -86,3 +87,49 @@ def test_variants_are_separate_programs_timed_in_alternating_rounds():
   lines = ab.report_lines(fig)
   assert lines[0].split()[0] == 'variant' and lines[1].startswith('base')
   assert any(line.startswith('deep / base per round:') for line in lines)
+
+
+@pytest.mark.parametrize('spec,expected', [
+    ('xla_gpu_enable_cublaslt=true', ('xla_gpu_enable_cublaslt', True)),
+    ('xla_gpu_autotune_level=0', ('xla_gpu_autotune_level', 0)),
+    ('xla_cpu_experimental_ynn_fusion_type=', ('xla_cpu_experimental_ynn_fusion_type', '')),
+    ('xla_disable_hlo_passes=fusion', ('xla_disable_hlo_passes', 'fusion')),
+])
+def test_xla_options_are_parsed_with_their_types(spec, expected):
+  assert step_lib.parse_compiler_option(spec) == expected
+  v = ab.parse_variant(f'x=--xla {spec} --config.model.trunk.depth=2')
+  assert v.compiler_options == dict([expected])
+  assert v.overrides == ['--config.model.trunk.depth=2']
+
+
+@pytest.mark.parametrize('spec', ['cublaslt=true', 'xla_gpu_enable_cublaslt', '=1'])
+def test_malformed_xla_options_are_refused(spec):
+  with pytest.raises(UserError, match='NAME=VALUE'):
+    step_lib.parse_compiler_option(spec)
+  with pytest.raises(UserError, match='NAME=VALUE'):
+    ab.parse_variant(f'x=--xla={spec}')
+
+
+def test_an_xla_option_reaches_its_variants_compile_alone_and_pipelined_rounds_time_it():
+  # Clearing YNNPACK's fusion types changes the CPU program; the baseline keeps them.
+  variants = ab.parse_variants(['base=', 'noynn=--xla=xla_cpu_experimental_ynn_fusion_type='])
+  fig = ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=2, steps=2,
+               warmup=1, pipelined=True, mesh=scaling.make_mesh(1, 1), log=lambda m: None)
+  base, noynn = fig['variants']['base'], fig['variants']['noynn']
+  assert noynn['compiler_options'] == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert base['compiler_options'] == {}
+  assert base['program_sha1'] != noynn['program_sha1']
+  # Pipelined: one time per round (the round's total over its steps).
+  assert fig['pipelined'] is True
+  assert len(base['times_s']) == 2 and base['round_medians_s'] == base['times_s']
+  lines = ab.report_lines(fig)
+  assert any('pipelined' in line for line in lines)
+  assert fig['platform'] == 'cpu' and base['mfu_at_median'] is not None
+  assert 0 < base['mfu_at_median'] < 1
+
+
+def test_an_unknown_xla_option_is_a_user_error_naming_it():
+  variants = ab.parse_variants(['base=', 'bad=--xla=xla_no_such_option=1'])
+  with pytest.raises(UserError, match='xla_no_such_option'):
+    ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=1, steps=1, warmup=0,
+           mesh=scaling.make_mesh(1, 1), log=lambda m: None)

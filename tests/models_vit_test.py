@@ -126,3 +126,22 @@ def test_padded_attention_is_the_same_function_values_and_gradients(t):
   for name, a, b in zip('qkv', got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
   assert vit.attention_implementation('cudnn_padded', jnp.bfloat16, 64) == 'cudnn_padded'
+
+
+def test_trunk_gelu_tanh_is_the_approximation_and_unknown_forms_are_refused():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+  exact = vit.ViT(depth=1, num_heads=4)
+  tanh = vit.ViT(depth=1, num_heads=4, gelu='tanh')
+  params = exact.init(jax.random.key(1), x)  # the GELU form adds no parameters
+  assert jax.tree.structure(params) == jax.tree.structure(tanh.init(jax.random.key(1), x))
+  a = exact.apply(params, x)['tokens']
+  b = tanh.apply(params, x)['tokens']
+  diff = float(jnp.max(jnp.abs(a - b)))
+  assert 0 < diff < 1e-2  # a different function, within the approximation's error
+  z = jnp.linspace(-5, 5, 101)
+  from jaisp_jax.models import activations
+  np.testing.assert_allclose(activations.gelu_form('tanh')(z),
+                             jax.nn.gelu(z, approximate=True), rtol=1e-6)
+  assert float(jnp.max(jnp.abs(activations.gelu_form('tanh')(z) - activations.gelu(z)))) < 1e-3
+  with pytest.raises(ValueError, match='GELU form'):
+    vit.ViT(depth=1, num_heads=4, gelu='relu').init(jax.random.key(1), x)

@@ -9,6 +9,7 @@ r"""Benchmark harness: `python -m jaisp_jax.bench <command> ...` (docs/performan
     # variants of the step against each other, interleaved in one process (A/B decisions)
     python -m jaisp_jax.bench ab --config=configs/jepa.py:torch_ref --variant base= \
         --variant ynn=--config.cpu_convolutions=ynnpack [--rounds 6 --steps 4]
+    #   (on a GPU: --variant lt=--xla=xla_gpu_enable_cublaslt=true --pipelined)
     python -m jaisp_jax.bench pipeline --config=configs/jepa.py:torch_ref [--step-json step.json]
     python -m jaisp_jax.bench matching [--batch 64 --size 100]
     python -m jaisp_jax.bench scaling --config=configs/jepa.py:torch_ref [--devices 1,2,4,8]
@@ -74,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--stem-embed', default='matmul', choices=('matmul', 'conv'),
                  help="patch embedding of the XLA stem forms: patchify + matmul, or a "
                       "stride-s convolution (models/sample_conv.py)")
+  p.add_argument('--xla', action='append', default=[], metavar='NAME=VALUE',
+                 help='an XLA option for this compile (repeatable), e.g. '
+                      'xla_gpu_enable_cublaslt=true; unlike XLA_FLAGS it applies to the '
+                      'step alone')
   p.add_argument('--dump', default=None, metavar='DIR',
                  help='write the lowered (StableHLO) and optimised HLO of the step into DIR')
 
@@ -81,13 +86,19 @@ def _parser() -> argparse.ArgumentParser:
   _config_args(p)
   p.add_argument('--variant', action='append', required=True, metavar='NAME=FLAGS',
                  help="a variant: a name and flags on top of the common ones "
-                      "(--config.<field>=<value>, --stem-conv=<form>, --stem-embed=<form>), "
-                      "e.g. 'base=' or 'ynn=--config.cpu_convolutions=ynnpack'; give two or "
-                      "more, the first is the baseline")
+                      "(--config.<field>=<value>, --stem-conv=<form>, --stem-embed=<form>, "
+                      "--xla=<option>=<value>), e.g. 'base=' or "
+                      "'ynn=--config.cpu_convolutions=ynnpack'; give two or more, the first "
+                      "is the baseline")
   p.add_argument('--rounds', type=int, default=6,
                  help='rounds over the variants (order reversed every other round)')
   p.add_argument('--steps', type=int, default=4, help='timed steps per variant per round')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps per variant first')
+  p.add_argument('--pipelined', action='store_true',
+                 help="time each round's steps dispatched back to back and blocked on once "
+                      '(as the training loop runs; for accelerators), not one by one')
+  p.add_argument('--peak-tflops', type=float, default=None,
+                 help='peak TFLOP/s per device for MFU (default: hardware.py table)')
 
   p = sub.add_parser('pipeline', help='input pipeline samples/s beside the step rate')
   _config_args(p, required=False)
@@ -209,7 +220,9 @@ def _step(args, overrides):
   with sample_conv.implementation(args.stem_conv), sample_conv.embedding(args.stem_embed):
     figures = step.run_step(config, quotas, steps=args.steps, warmup=args.warmup,
                             peak_tflops=args.peak_tflops, n_batches=args.batches,
-                            log=lambda m: print(m, flush=True), profile=profile_fn)
+                            log=lambda m: print(m, flush=True), profile=profile_fn,
+                            compiler_options=dict(step.parse_compiler_option(o)
+                                                  for o in args.xla))
   figures['stem_conv'] = args.stem_conv
   figures['stem_embed'] = args.stem_embed
   figures['config'] = args.config
@@ -251,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = ab.parse_variants(args.variant)
     figures = ab.run(args.config, overrides, variants, quotas_arg=args.quotas,
                      rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                     pipelined=args.pipelined, peak_tflops=args.peak_tflops,
                      log=lambda m: print(m, flush=True))
     _save(args.out, figures)
     for line in ab.report_lines(figures):

@@ -12,10 +12,18 @@ so that drift hits all of them alike.
 
 A variant is `NAME=FLAGS`: flags on top of the common `--config.<field>=<value>`
 overrides: more `--config.` overrides, `--stem-conv=<form>` and `--stem-embed=<form>`
-(as for `step`). The first variant is the baseline. Reported per variant: median step,
-p25-p75, min, samples/s at the median; against the baseline the ratio of medians, the
-per-round ratios (each round's median over the baseline's in the same round) and in how
-many rounds the variant was faster. Nothing is asserted: the figures are the result.
+(as for `step`), and `--xla=<option>=<value>`, an XLA option for that variant's compile
+alone (e.g. `--xla=xla_gpu_enable_cublaslt=true`: XLA_FLAGS would set it for every
+variant). The first variant is the baseline. Reported per variant: median step,
+p25-p75, min, samples/s at the median, MFU where the device's peak is known; against
+the baseline the ratio of medians, the per-round ratios (each round's median over the
+baseline's in the same round) and in how many rounds the variant was faster. Nothing
+is asserted: the figures are the result.
+
+`pipelined=True` (`--pipelined`): each round's steps are dispatched back to back and
+blocked on once, as the training loop runs them; a round then gives one time per step
+(its total / steps), so the statistics are over rounds. On an accelerator that takes the
+host's dispatch out of the step time (~13 ms per ViT-B step on an H200, session 5).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import jax
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax.bench import configs
+from jaisp_jax.bench import hardware
 from jaisp_jax.bench import step as step_lib
 from jaisp_jax.cli import UserError
 from jaisp_jax.models import sample_conv
@@ -44,6 +53,7 @@ class Variant:
   overrides: list[str]
   stem_conv: str = 'auto'
   stem_embed: str = 'matmul'
+  compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def parse_variant(spec: str) -> Variant:
@@ -72,11 +82,20 @@ def parse_variant(spec: str) -> Variant:
       if value not in choices:
         raise UserError(f'--variant {name}: {key} must be one of {choices}, got {value!r}')
       setattr(variant, key[2:].replace('-', '_'), value)
+    elif key == '--xla':
+      if not eq:  # `--xla name=value`
+        if i + 1 >= len(words):
+          raise UserError(f'--variant {name}: --xla needs NAME=VALUE')
+        i += 1
+        value = words[i]
+      option, setting = step_lib.parse_compiler_option(value)
+      variant.compiler_options[option] = setting
     elif word.startswith('--config.') and eq:
       variant.overrides.append(word)
     else:
       raise UserError(f'--variant {name}: unexpected flag {word!r} (expected '
-                      '--config.<field>=<value>, --stem-conv=<form> or --stem-embed=<form>)')
+                      '--config.<field>=<value>, --stem-conv=<form>, --stem-embed=<form> or '
+                      '--xla=<option>=<value>)')
     i += 1
   return variant
 
@@ -93,20 +112,23 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
 
 def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
         quotas_arg: str | None = None, rounds: int = 6, steps: int = 4, warmup: int = 2,
-        mesh=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        pipelined: bool = False, peak_tflops: float | None = None, mesh=None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
   """Compiles, warms up and times `variants` interleaved (module docstring); the figures."""
   if rounds < 1 or steps < 1 or warmup < 0:
     raise UserError(f'ab: --rounds and --steps must be >= 1 and --warmup >= 0 (got '
                     f'{rounds}, {steps}, {warmup})')
   benches, figures = {}, {'config': config_spec, 'overrides': list(common), 'rounds': rounds,
-                          'steps_per_round': steps, 'warmup': warmup, 'variants': {}}
+                          'steps_per_round': steps, 'warmup': warmup, 'pipelined': pipelined,
+                          'variants': {}}
   # Every variant's config first, so that a bad override fails before any compile.
   loaded = [configs.load_config(config_spec, list(common) + v.overrides) for v in variants]
   for v, config in zip(variants, loaded):
     registry = bands_lib.BandRegistry.from_config(config.bands)
     data_parallel = sharding.data_size(mesh if mesh is not None else sharding.make_mesh(config))
     quotas = configs.bench_quotas(config, registry, data_parallel, quotas_arg)
-    bench = step_lib.StepBench(config, quotas, mesh=mesh)
+    bench = step_lib.StepBench(config, quotas, mesh=mesh,
+                               compiler_options=v.compiler_options)
     samples, _ = step_lib.work_per_step(config, bench.trainer.registry, quotas)
     with sample_conv.implementation(v.stem_conv), sample_conv.embedding(v.stem_embed):
       bench.compile()  # the step is traced here, under the variant's stem forms
@@ -118,6 +140,7 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
     benches[v.name] = bench
     figures['variants'][v.name] = dict(
         flags=v.flags, overrides=v.overrides, stem_conv=v.stem_conv, stem_embed=v.stem_embed,
+        compiler_options=v.compiler_options, dtype=config.model.dtype,
         samples_per_step=samples, compile_s=bench.figures['compile_s'],
         flops_per_step_device=bench.figures.get('flops_per_step_device'),
         program_sha1=hashlib.sha1(bench.compiled.as_text().encode()).hexdigest()[:12],
@@ -128,7 +151,10 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
   for r in range(rounds):
     order = names if r % 2 == 0 else names[::-1]
     for name in order:
-      times = benches[name].run(steps, start=done[name])
+      if pipelined:
+        times = [benches[name].run_pipelined(steps, start=done[name]) / steps]
+      else:
+        times = benches[name].run(steps, start=done[name])
       done[name] += steps
       figures['variants'][name]['times_s'].extend(times)
       figures['variants'][name]['round_medians_s'].append(statistics.median(times))
@@ -136,10 +162,16 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
         f'{n} {figures["variants"][n]["round_medians_s"][-1]:.3f} s' for n in names))
 
   base = names[0]
+  device = next(iter(benches.values())).mesh.devices.flat[0]
+  figures.update(platform=device.platform, device_kind=device.device_kind)
   for name in names:
     f = figures['variants'][name]
     f.update(step_lib.time_stats(f['times_s']))
     f['samples_per_s_at_median'] = f['samples_per_step'] / f['median_s']
+    peak = hardware.device_peak(device, f['dtype'], peak_tflops)
+    f['peak_flops_per_s_device'] = peak.flops_per_s
+    f['mfu_at_median'] = (f['flops_per_step_device'] / f['median_s'] / peak.flops_per_s
+                          if peak.flops_per_s > 0 and f['flops_per_step_device'] else None)
     per_round = [a / b for a, b in zip(f['round_medians_s'],
                                        figures['variants'][base]['round_medians_s'])]
     f['ratio_to_baseline'] = f['median_s'] / figures['variants'][base]['median_s']
@@ -153,18 +185,22 @@ def report_lines(figures: dict[str, Any]) -> list[str]:
   """The figures as a table (median step, spread, samples/s, ratio to the baseline)."""
   base, rounds = figures['baseline'], figures['rounds']
   lines = [f'{"variant":12s} {"median":>8s} {"p25-p75":>15s} {"min":>7s} {"samples/s":>9s} '
-           f'{"/ " + base:>10s}  faster in']
+           f'{"MFU":>6s} {"/ " + base:>10s}  faster in']
   for name, f in figures['variants'].items():
     ratio = '' if name == base else f'{f["ratio_to_baseline"]:10.3f}'
     faster = '' if name == base else f'{f["faster_rounds"]} of {rounds} rounds'
-    lines.append(f'{name:12s} {f["median_s"]:7.3f}s {f["p25_s"]:7.3f}-{f["p75_s"]:.3f}s '
-                 f'{f["min_s"]:6.3f}s {f["samples_per_s_at_median"]:9.2f} {ratio:>10s}  {faster}')
+    mfu = f'{100 * f["mfu_at_median"]:5.1f}%' if f.get('mfu_at_median') else '   n/a'
+    lines.append(f'{name:12s} {f["median_s"]:7.4f}s {f["p25_s"]:7.4f}-{f["p75_s"]:.4f}s '
+                 f'{f["min_s"]:6.4f}s {f["samples_per_s_at_median"]:9.2f} {mfu:>6s} {ratio:>10s}'
+                 f'  {faster}')
   for name, f in figures['variants'].items():
     if name != base:
       lines.append(f'{name} / {base} per round: ' +
                    ' '.join(f'{x:.3f}' for x in f['round_ratios_to_baseline']))
-  n = len(next(iter(figures['variants'].values()))['times_s'])
-  lines.append(f'{n} timed steps per variant ({rounds} rounds of '
-               f'{figures["steps_per_round"]}), after {figures["warmup"]} warm-up steps; '
-               f'jax {jax.__version__} on {jax.default_backend()}')
+  per_round = figures['steps_per_round']
+  how = ('dispatched back to back, one time per round (pipelined)' if figures.get('pipelined')
+         else 'each blocked on')
+  lines.append(f'{rounds * per_round} timed steps per variant ({rounds} rounds of '
+               f'{per_round}, {how}), after {figures["warmup"]} warm-up steps; '
+               f'jax {jax.__version__} on {figures.get("device_kind", jax.default_backend())}')
   return lines

@@ -104,8 +104,9 @@ class StepBench:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, quotas: dict[str, int], mesh=None,
-               n_batches: int = 4):
+               n_batches: int = 4, compiler_options: dict[str, Any] | None = None):
     self.config = config
+    self.compiler_options = dict(compiler_options or {})
     self.quotas = dict(quotas)
     self.trainer = trainer_lib.Trainer(config, mesh=mesh)
     self.mesh = self.trainer.mesh
@@ -134,7 +135,7 @@ class StepBench:
     t0 = time.perf_counter()
     lowered = step.lower(abstract, example)
     t1 = time.perf_counter()
-    self.compiled = lowered.compile()
+    self.compiled = compile_with_options(lowered, self.compiler_options)
     t2 = time.perf_counter()
     self.lowered = lowered
     self.figures.update(lower_s=t1 - t0, compile_s=t2 - t1, **cost_figures(self.compiled))
@@ -192,6 +193,36 @@ class StepBench:
     return time.perf_counter() - t0
 
 
+def parse_compiler_option(spec: str) -> tuple[str, Any]:
+  """'NAME=VALUE' -> (NAME, VALUE): an XLA debug option for `Lowered.compile`, e.g.
+  'xla_gpu_enable_cublaslt=true'. VALUE true/false -> bool, else int, float or string
+  (possibly empty: 'xla_cpu_experimental_ynn_fusion_type=' clears a list option)."""
+  name, eq, value = spec.partition('=')
+  name = name.strip()
+  if not eq or not name.startswith('xla_'):
+    raise UserError(f'--xla {spec!r}: expected NAME=VALUE with an XLA option name (xla_...), '
+                    'e.g. xla_gpu_enable_cublaslt=true')
+  value = value.strip()
+  if value.lower() in ('true', 'false'):
+    return name, value.lower() == 'true'
+  for kind in (int, float):
+    try:
+      return name, kind(value)
+    except ValueError:
+      pass
+  return name, value
+
+
+def compile_with_options(lowered, options: dict[str, Any]):
+  """`lowered.compile` with XLA options; an option XLA does not know is a UserError."""
+  try:
+    return lowered.compile(dict(options) or None)
+  except Exception as e:  # pylint: disable=broad-except
+    if options and 'compile option' in str(e):  # 'No such compile option: ...'
+      raise UserError(f'--xla {sorted(options)}: {str(e).splitlines()[0]}') from None
+    raise
+
+
 def _mfu(flops_per_s_device: float, peak: hardware.Peak) -> float:
   return flops_per_s_device / peak.flops_per_s if peak.flops_per_s > 0 else float('nan')
 
@@ -229,7 +260,8 @@ def summarize(times: list[float], figures: dict[str, Any], samples: int, tokens:
 
 def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps: int,
              warmup: int, peak_tflops: float | None = None, mesh=None, n_batches: int = 4,
-             log=print, profile=None) -> dict[str, Any]:
+             log=print, profile=None, compiler_options: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
   """Compiles and times the train step (module docstring); returns the figures.
 
   `profile(bench)`, if given, is called after the timed steps (e.g. to trace a few
@@ -237,7 +269,8 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
   """
   if steps < 1 or warmup < 0:
     raise UserError(f'--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})')
-  bench = StepBench(config, quotas, mesh=mesh, n_batches=n_batches)
+  bench = StepBench(config, quotas, mesh=mesh, n_batches=n_batches,
+                    compiler_options=compiler_options)
   samples, tokens = work_per_step(config, bench.trainer.registry, quotas)
   device = bench.mesh.devices.flat[0]
   log(f'jax {jax.__version__} on {device.platform} ({device.device_kind}), '
@@ -245,7 +278,8 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
       f'{config.model.variant}, dtype {config.model.dtype}, stem {config.model.stem.kind}, '
       f'D {config.model.trunk.embed_dim}, depth {config.model.trunk.depth}, '
       f'remat {config.model.trunk.remat}; batch {quotas} ({samples} samples, '
-      f'{tokens} trunk tokens per step), crop {config.data.crop_arcsec}"')
+      f'{tokens} trunk tokens per step), crop {config.data.crop_arcsec}"'
+      + (f'; XLA options {bench.compiler_options}' if bench.compiler_options else ''))
   bench.compile()
   f = bench.figures
   log(f'compile: lower {f["lower_s"]:.1f} s, compile {f["compile_s"]:.1f} s; '
@@ -272,6 +306,7 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
   peak = hardware.device_peak(device, config.model.dtype, peak_tflops)
   out = summarize(times, f, samples, tokens, peak, bench.n_devices)
   out.update(final_loss=loss, n_devices=bench.n_devices, platform=device.platform,
+             compiler_options=bench.compiler_options,
              device_kind=device.device_kind, quotas=quotas, jax_version=jax.__version__,
              peak_rss_mb=hardware.peak_rss_mb(),
              device_peak_mb=hardware.device_memory_peak_mb(device))

@@ -104,6 +104,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.trunk.attention = 'auto'   # 'auto' (cuDNN fused kernel on GPU in bf16/f16, else XLA),
   #                              'xla', 'cudnn' or 'cudnn_padded' (cuDNN on sequences
   #                              padded to a multiple of 64, masked; models/vit.py)
+  c.trunk.gelu = 'exact'       # the trunk MLPs' GELU: 'exact' (erf, the reference) or 'tanh'
+  #                              (approximation; fusable into a cuBLASLt GEMM epilogue on GPUs)
 
   c.global_pool = 'mean'       # the global embedding (B, D) from the trunk's tokens:
   #                              'mean': mean token (the seeds), or the CLS output if
@@ -271,7 +273,8 @@ class JAISP(nn.Module):
         t.embed_dim, c.stem.asinh_softening, **kw)
     make_trunk = functools.partial(vit.ViT, t.depth, t.num_heads, t.mlp_ratio, t.pos_embed,
                                    t.learned_pos_grid, t.cls_token, t.remat,
-                                   attention=t.get('attention', 'auto'), **kw)
+                                   attention=t.get('attention', 'auto'),
+                                   gelu=t.get('gelu', 'exact'), **kw)
     if c.variant == 'two_view':
       self.trunks = {inst: make_trunk() for inst in insts}
     else:

@@ -152,17 +152,23 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Dense(hidden) -> GELU (exact, erf form: models/activations.py) -> Dense(out)."""
+  """Dense(hidden) -> GELU -> Dense(out).
+
+  `gelu` (activations.GELU_FORMS): 'exact' (erf, as PyTorch's default; the reference) or
+  'tanh' (the tanh approximation, which XLA:GPU can fuse into the fc1 GEMM as a cuBLASLt
+  epilogue; docs/performance.md).
+  """
 
   hidden: int
   out: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  gelu: str = 'exact'
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
-    x = activations.gelu(nn.Dense(self.hidden, name='fc1', **kw)(x))
+    x = activations.gelu_form(self.gelu)(nn.Dense(self.hidden, name='fc1', **kw)(x))
     return nn.Dense(self.out, name='fc2', **kw)(x)
 
 
@@ -174,6 +180,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = 'auto'
+  gelu: str = 'exact'  # Mlp
 
   @nn.compact
   def __call__(self, x):  # (B, N, D)
@@ -181,18 +188,19 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + SelfAttention(self.num_heads, attention=self.attention, name='attn', **kw)(
         nn.LayerNorm(name='norm1', **kw)(x))
-    x = x + Mlp(int(d * self.mlp_ratio), d, name='mlp', **kw)(nn.LayerNorm(name='norm2', **kw)(x))
+    x = x + Mlp(int(d * self.mlp_ratio), d, name='mlp', gelu=self.gelu, **kw)(
+        nn.LayerNorm(name='norm2', **kw)(x))
     return x
 
 
 def block_stack(x, depth: int, num_heads: int, mlp_ratio: float, remat: bool,
                 dtype: Dtype, param_dtype: Dtype, prefix: str = 'block',
-                attention: str = 'auto'):
+                attention: str = 'auto', gelu: str = 'exact'):
   """Applies `depth` Blocks (inside a compact module); `remat` rematerialises each."""
   cls = nn.remat(Block) if remat else Block
   for i in range(depth):
     x = cls(num_heads, mlp_ratio, dtype=dtype, param_dtype=param_dtype, attention=attention,
-            name=f'{prefix}_{i}')(x)
+            gelu=gelu, name=f'{prefix}_{i}')(x)
   return x
 
 
@@ -214,6 +222,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = 'auto'  # ATTENTION_IMPLEMENTATIONS
+  gelu: str = 'exact'  # the MLPs' GELU, activations.GELU_FORMS
 
   @nn.compact
   def __call__(self, x):
@@ -225,7 +234,7 @@ class ViT(nn.Module):
       cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
     x = block_stack(x, self.depth, self.num_heads, self.mlp_ratio, self.remat,
-                    self.dtype, self.param_dtype, attention=self.attention)
+                    self.dtype, self.param_dtype, attention=self.attention, gelu=self.gelu)
     x = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
     x = x.astype(jnp.float32)
     tokens = x[:, 1:] if self.cls_token else x  # (B, N, D)
