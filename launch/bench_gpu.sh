@@ -22,6 +22,15 @@ step() {  # step NAME ARGS...: one harness run, its own process and timeout
   echo "rc=$?"; grep -v '^[WI][0-9]\{4\}\|^WARNING: All log' "$OUT_DIR/$name.log" | tail -n 12
 }
 
+ab() {  # ab NAME ARGS...: variants interleaved in one process (bench ab), own timeout
+  local name=$1; shift
+  if (( SECONDS > BUDGET )); then echo "=== $name: skipped (budget ${BUDGET} s spent)"; return; fi
+  echo "=== $name: $*"
+  timeout "$T" "$PY" -m jaisp_jax.bench ab "$@" --out "$OUT_DIR/$name.json" \
+    > "$OUT_DIR/$name.log" 2>&1
+  echo "rc=$?"; grep -v '^[WI][0-9]\{4\}\|^WARNING: All log' "$OUT_DIR/$name.log" | tail -n 16
+}
+
 "$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/env.log"
 import importlib, jax
 print('jax', jax.__version__, jax.devices())
@@ -92,6 +101,16 @@ PY
 BASE=(--config=configs/jepa.py:base --config.model.dtype=bfloat16)
 VITB=(--config=configs/jepa.py:pod --config.mesh.fsdp=1 --config.model.trunk.remat=False)
 B256=(--config.data.pairs_per_batch=256 --steps 20 --warmup 5)
+# A larger trunk: ViT-L (D 1024, depth 24, 16 heads, predictor 4096).
+VITL=("${VITB[@]}" --config.model.trunk.embed_dim=1024 --config.model.trunk.depth=24
+      --config.model.trunk.num_heads=16 --config.model.predictor.hidden=4096)
+# The trunk's GEMM epilogues: cuBLASLt (bias / tanh-GELU fused into the GEMM), Triton for
+# every GEMM; interleaved in one process, dispatched back to back as the training loop.
+FLAGS_AB=(--variant base= --variant lt=--xla=xla_gpu_enable_cublaslt=true
+          --variant tanh=--config.model.trunk.gelu=tanh
+          "--variant=tanhlt=--config.model.trunk.gelu=tanh --xla=xla_gpu_enable_cublaslt=true"
+          --variant tga=--xla=xla_gpu_triton_gemm_any=true
+          --pipelined --rounds 6 --steps 5 --warmup 3)
 # RUNS (space-separated names) picks runs; default: all, in this order of priority.
 # 'vitb_bf16_b256' and 'base_bf16' take the stems' 'auto' form, which is 'pallas' on CUDA
 # since session 8, so the explicit '_pallas' runs repeat them there and are left out of
@@ -103,6 +122,15 @@ ALL="vitb_bf16_b256 vitb_bf16_b256_im2col vitb_bf16_b256_patchstem_attnpad
      vitb_bf16_b512 vitb_bf16_b256_xla vitb_bf16_b256_remat base_f32"
 for r in ${RUNS:-$ALL}; do
   case $r in
+    ab_trunk_flags) ab $r "${VITB[@]}" --config.data.pairs_per_batch=256 \
+      --config.model.stem.kind=patch "${FLAGS_AB[@]}" ;;
+    ab_vitb_flags) ab $r "${VITB[@]}" --config.data.pairs_per_batch=256 "${FLAGS_AB[@]}" ;;
+    vitl_bf16_b256) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 --steps 10 --warmup 3 ;;
+    vitl_bf16_b256_patchstem) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 \
+      --config.model.stem.kind=patch --steps 10 --warmup 3 ;;
+    vitb_bf16_b256_patchstem_prof) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+      step $r "${VITB[@]}" "${B256[@]}" --config.model.stem.kind=patch \
+      --profile /tmp/jaisp_trace_vitb ;;
     base_bf16_xla) step $r "${BASE[@]}" --config.model.trunk.attention=xla --steps 30 --warmup 5 ;;
     base_bf16) step $r "${BASE[@]}" --steps 30 --warmup 5 ;;
     base_bf16_grouped) step $r "${BASE[@]}" --stem-conv grouped --steps 30 --warmup 5 ;;
