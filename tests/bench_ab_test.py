@@ -112,18 +112,25 @@ def test_malformed_xla_options_are_refused(spec):
 
 def test_an_xla_option_reaches_its_variants_compile_alone_and_pipelined_rounds_time_it():
   # Clearing YNNPACK's fusion types changes the CPU program; the baseline keeps them.
-  variants = ab.parse_variants(['base=', 'noynn=--xla=xla_cpu_experimental_ynn_fusion_type='])
+  # A GPU option leaves the CPU program as it is: reported as the same program.
+  variants = ab.parse_variants(['base=', 'noynn=--xla=xla_cpu_experimental_ynn_fusion_type=',
+                                'lt=--xla=xla_gpu_enable_cublaslt=true'])
+  log = []
   fig = ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=2, steps=2,
-               warmup=1, pipelined=True, mesh=scaling.make_mesh(1, 1), log=lambda m: None)
-  base, noynn = fig['variants']['base'], fig['variants']['noynn']
+               warmup=1, pipelined=True, mesh=scaling.make_mesh(1, 1), log=log.append)
+  base, noynn, lt = (fig['variants'][n] for n in ('base', 'noynn', 'lt'))
   assert noynn['compiler_options'] == {'xla_cpu_experimental_ynn_fusion_type': ''}
   assert base['compiler_options'] == {}
   assert base['program_sha1'] != noynn['program_sha1']
+  assert 'same_program_as' not in noynn
+  assert lt['program_sha1'] == base['program_sha1'] and lt['same_program_as'] == 'base'
+  assert any(m.startswith('note: lt compiled to the same program as base') for m in log)
   # Pipelined: one time per round (the round's total over its steps).
   assert fig['pipelined'] is True
   assert len(base['times_s']) == 2 and base['round_medians_s'] == base['times_s']
   lines = ab.report_lines(fig)
   assert any('pipelined' in line for line in lines)
+  assert 'lt: the same program as base (its flags changed nothing)' in lines
   assert fig['platform'] == 'cpu' and base['mfu_at_median'] is not None
   assert 0 < base['mfu_at_median'] < 1
 

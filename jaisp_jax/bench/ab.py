@@ -147,6 +147,14 @@ def run(config_spec: str, common: Sequence[str], variants: Sequence[Variant], *,
         times_s=[], round_medians_s=[])
 
   names = [v.name for v in variants]
+  by_program: dict[str, str] = {}
+  for name in names:  # flags that change nothing (e.g. an XLA option this backend ignores)
+    sha = figures['variants'][name]['program_sha1']
+    if sha in by_program:
+      figures['variants'][name]['same_program_as'] = by_program[sha]
+      log(f'note: {name} compiled to the same program as {by_program[sha]} (fingerprint '
+          f'{sha}): its flags changed nothing here, so its times measure noise')
+    by_program.setdefault(sha, name)
   done = {n: warmup for n in names}
   for r in range(rounds):
     order = names if r % 2 == 0 else names[::-1]
@@ -193,6 +201,10 @@ def report_lines(figures: dict[str, Any]) -> list[str]:
     lines.append(f'{name:12s} {f["median_s"]:7.4f}s {f["p25_s"]:7.4f}-{f["p75_s"]:.4f}s '
                  f'{f["min_s"]:6.4f}s {f["samples_per_s_at_median"]:9.2f} {mfu:>6s} {ratio:>10s}'
                  f'  {faster}')
+  for name, f in figures['variants'].items():
+    if f.get('same_program_as'):
+      lines.append(f'{name}: the same program as {f["same_program_as"]} (its flags changed '
+                   'nothing)')
   for name, f in figures['variants'].items():
     if name != base:
       lines.append(f'{name} / {base} per round: ' +
