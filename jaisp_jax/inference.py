@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any
 
+import flax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -44,9 +45,13 @@ class Representation:
     """{'tokens' (B, N, D), 'global' (B, D), 'weights' (B, 1, H, W)} of one band's images."""
     if band not in self.registry:
       raise ValueError(f'unknown band {band!r}; this model knows {", ".join(self.registry.names)}')
-    out = jaisp.get_representation({'params': self.params}, np.asarray(image, np.float32),
-                                   np.asarray(rms, np.float32), band, self.model_config,
-                                   self.registry)
+    try:
+      out = jaisp.get_representation({'params': self.params}, np.asarray(image, np.float32),
+                                     np.asarray(rms, np.float32), band, self.model_config,
+                                     self.registry)
+    except flax.errors.ScopeParamShapeError as e:  # config.json edited apart from params
+      raise ValueError(f'the bundle\'s config does not match its parameters: '
+                       f'{str(e).splitlines()[0]}') from None
     return {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in out.items()}
 
 
@@ -86,6 +91,21 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_merge(config_lib.base_config().to_dict(), saved))
 
 
+def _read_json(export_dir: str, name: str, kind: type):
+  """The JSON file `name` of a bundle, whose top level must be a `kind`; UserError naming
+  the file otherwise."""
+  path = os.path.join(export_dir, name)
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f'{path}: cannot read it as JSON ({type(e).__name__}: {e})') from None
+  if not isinstance(value, kind):
+    raise UserError(f'{path}: expected a JSON {"object" if kind is dict else "array"} at '
+                    f'the top level, got {type(value).__name__}')
+  return value
+
+
 def load(export_dir: str) -> Representation:
   """Loads a bundle written by `--mode=export` (see jaisp_jax.train.export)."""
   export_dir = os.path.abspath(export_dir)
@@ -93,12 +113,14 @@ def load(export_dir: str) -> Representation:
   if missing:
     raise UserError(f'{export_dir}: not an exported jaisp-jax bundle (missing '
                     f'{", ".join(missing)})')
-  with open(os.path.join(export_dir, 'config.json')) as f:
-    config = _with_defaults(json.load(f))
-  with open(os.path.join(export_dir, 'bands.json')) as f:
-    registry = bands_lib.BandRegistry.from_dicts(json.load(f))
-  with open(os.path.join(export_dir, 'manifest.json')) as f:
-    manifest = json.load(f)
+  config = _with_defaults(_read_json(export_dir, 'config.json', dict))
+  bands = _read_json(export_dir, 'bands.json', list)
+  try:
+    registry = bands_lib.BandRegistry.from_dicts(bands)
+  except Exception as e:  # pylint: disable=broad-except  # malformed entries
+    raise UserError(f'{export_dir}/bands.json: not a band registry ({type(e).__name__}: '
+                    f'{e})') from None
+  manifest = _read_json(export_dir, 'manifest.json', dict)
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(export_dir, 'params'))
   except Exception as e:  # pylint: disable=broad-except

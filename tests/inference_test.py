@@ -22,3 +22,66 @@ def test_old_bundle_config_gets_new_fields_defaults_and_keeps_its_values():
 def test_missing_bundle_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match='not an exported jaisp-jax bundle'):
     inference.load(str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def tiny_bundle(tmp_path_factory):
+  """A bundle of a tiny smoke-sized model at initialisation (no training needed)."""
+  from jaisp_jax import bands as bands_lib
+  from jaisp_jax.train import export
+  c = config_lib.sized(config_lib.base_config(), 'smoke')
+  c.model.trunk.embed_dim = 16
+  c.model.trunk.num_heads = 2
+  c.model.trunk.depth = 1
+  c.model.predictor.hidden = 32
+  registry = bands_lib.BandRegistry.from_config(c.bands)
+  params = inference.init_params(c)
+  return export.write_bundle(str(tmp_path_factory.mktemp('b') / 'bundle'), params, c,
+                             registry, step=0)
+
+
+@pytest.mark.parametrize('band,hgt,wid', [('rubin_r', 100, 96), ('rubin_r', 37, 53),
+                                          ('rubin_r', 8, 8), ('euclid_vis', 64, 48)])
+def test_images_not_a_whole_number_of_tokens_are_refused_with_the_stride(
+    tiny_bundle, band, hgt, wid):
+  import numpy as np
+  m = inference.load(tiny_bundle)
+  stride = m.registry.stride(band, m.model_config.token_arcsec)  # 16 Rubin, 32 Euclid px
+  img = np.zeros((1, 1, hgt, wid), np.float32)
+  with pytest.raises(ValueError, match=f'{band} images must be a whole number of '
+                                       f'{stride}-px tokens.*got {hgt} x {wid} px'):
+    m.get_representation(img, np.ones_like(img), band)
+  ok = np.zeros((2, 1, 2 * stride, stride), np.float32)  # a 2 x 1 token grid works
+  out = m.get_representation(ok, np.ones_like(ok), band)
+  assert out['tokens'].shape == (2, 2, 16) and out['weights'].shape == ok.shape
+
+
+@pytest.mark.parametrize('name,text,match', [
+    ('config.json', '{not json', 'cannot read it as JSON'),
+    ('config.json', '[]', 'expected a JSON object'),
+    ('bands.json', '{"a": 1}', 'expected a JSON array'),
+    ('bands.json', '[{"name": "x"}]', 'not a band registry'),
+    ('manifest.json', '', 'cannot read it as JSON'),
+])
+def test_a_corrupt_bundle_json_file_is_a_user_error_naming_it(tiny_bundle, tmp_path, name,
+                                                              text, match):
+  import shutil
+  broken = tmp_path / 'broken'
+  shutil.copytree(tiny_bundle, broken)
+  (broken / name).write_text(text)
+  with pytest.raises(UserError, match=f'{name}: {match}'):
+    inference.load(str(broken))
+
+
+def test_a_config_that_does_not_match_the_params_is_a_clear_error(tiny_bundle, tmp_path):
+  import shutil
+  import numpy as np
+  broken = tmp_path / 'edited'
+  shutil.copytree(tiny_bundle, broken)
+  cfg = json.loads((broken / 'config.json').read_text())
+  cfg['model']['trunk']['embed_dim'] = 32  # the params were saved at 16
+  (broken / 'config.json').write_text(json.dumps(cfg))
+  m = inference.load(str(broken))
+  img = np.zeros((1, 1, 32, 32), np.float32)
+  with pytest.raises(ValueError, match="config does not match its parameters"):
+    m.get_representation(img, np.ones_like(img), 'rubin_r')

@@ -120,3 +120,19 @@ def test_permutation_matrix():
   want = np.zeros((3, 4))
   want[[0, 1, 2], [2, 0, 3]] = 1
   np.testing.assert_array_equal(p, want)
+
+
+def test_x64_mode_solves_float64_exactly_and_float32_mode_warns_for_float64():
+  # Costs 1e6 + small offsets: distinct in float64, rounded together in float32.
+  rng = np.random.default_rng(3)
+  cost = 1e6 + rng.random((12, 12)) * 1e-2
+  sr, sc = scipy.optimize.linear_sum_assignment(cost)
+  with jax.enable_x64(True):
+    r, c = matching.linear_sum_assignment(cost)
+    ri, ci = matching.linear_sum_assignment(rng.integers(0, 5, (6, 9)).astype(np.int32))
+  assert np.asarray(r).dtype == np.int32 and np.asarray(ri).dtype == np.int32
+  assert cost[np.asarray(r), np.asarray(c)].sum() == pytest.approx(cost[sr, sc].sum(), abs=1e-9)
+  np.testing.assert_array_equal(np.asarray(c), sc)  # a unique optimum: scipy's pairs
+  assert len(np.asarray(ci)) == 6
+  with pytest.warns(UserWarning, match='float64 costs are solved in float32'):
+    matching.linear_sum_assignment(cost)

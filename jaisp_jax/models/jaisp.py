@@ -540,6 +540,13 @@ def get_representation(variables, image, rms, band, model_config, registry=None,
   cfg = model_config
   if not isinstance(cfg, ml_collections.FrozenConfigDict):
     cfg = ml_collections.FrozenConfigDict(cfg)
+  stride = registry.stride(name, cfg.token_arcsec)
+  hgt, wid = image.shape[2:]
+  if hgt < stride or wid < stride or hgt % stride or wid % stride:
+    raise ValueError(
+        f'{name} images must be a whole number of {stride}-px tokens on each side '
+        f'({cfg.token_arcsec}" tokens at {registry[name].pixel_scale}"/px); got {hgt} x {wid} '
+        f'px: crop or pad them to a multiple of {stride}')
   fn = _representation_fn(cfg, registry, instrument, normalise)
   band_ids = jnp.full((image.shape[0],), registry.band_id(name), jnp.int32)
   return fn(variables, image[:, 0], rms[:, 0], band_ids)

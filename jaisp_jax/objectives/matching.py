@@ -29,8 +29,11 @@ entropic plan is neither a permutation nor scipy's answer.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Phases of the per-matrix state machine.
 _SEARCH, _AUGMENT, _DONE = 0, 1, 2
@@ -55,8 +58,9 @@ def _sanitise(cost: jax.Array) -> jax.Array:
 def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
   """values[index] as a masked sum: a select fuses with its neighbours under vmap,
   where a gather would not."""
-  hit = jnp.arange(values.shape[0]) == index
-  return jnp.sum(jnp.where(hit, values, jnp.zeros_like(values)))
+  hit = jnp.arange(values.shape[0], dtype=jnp.int32) == index
+  # dtype: under jax_enable_x64 a sum of int32 would otherwise come out int64.
+  return jnp.sum(jnp.where(hit, values, jnp.zeros_like(values)), dtype=values.dtype)
 
 
 def _first(mask: jax.Array) -> jax.Array:
@@ -78,8 +82,8 @@ def _solve_wide(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
   (his row update keeps exactly these edges tight) without any gather of u.
   """
   n, m = cost.shape
-  rows = jnp.arange(n)
-  cols = jnp.arange(m)
+  rows = jnp.arange(n, dtype=jnp.int32)  # int32 also under jax_enable_x64 (the loop's
+  cols = jnp.arange(m, dtype=jnp.int32)  # carry keeps its indices int32)
   inf = jnp.array(jnp.inf, cost.dtype)
 
   # Row reduction (u = row minima, v = 0): each row takes its argmin column unless an
@@ -199,7 +203,10 @@ def linear_sum_assignment(cost: jax.Array, maximize: bool = False
 
   Args:
     cost: (..., n, m) costs; leading axes are a batch (solved independently, as
-      ``jax.vmap`` would). Integer costs are solved in float32 (exact below 2**24).
+      ``jax.vmap`` would). Solved in float32, or in float64 under ``jax_enable_x64``
+      (without it JAX holds a float64 array as float32, so costs that differ only
+      below float32's ~1e-7 relative precision can give a costlier assignment than
+      scipy's: a float64 NumPy input then warns). Integer costs: exact below 2**24.
       Non-finite entries are treated as forbidden (see `_sanitise`); if every
       assignment needs one, some assignment is still returned (scipy would raise).
     maximize: maximise the total instead.
@@ -210,6 +217,10 @@ def linear_sum_assignment(cost: jax.Array, maximize: bool = False
     n <= m), as in scipy. The optimal cost is ``cost[..., row_ind, col_ind].sum(-1)``.
     With ties the pairs may differ from scipy's; the total cost does not.
   """
+  if getattr(cost, 'dtype', None) == np.float64 and not jax.config.jax_enable_x64:
+    warnings.warn('linear_sum_assignment: float64 costs are solved in float32 (enable '
+                  'jax_enable_x64 for float64); near-equal costs may then be matched '
+                  'suboptimally', stacklevel=2)
   cost = jnp.asarray(cost)
   if cost.ndim < 2:
     raise ValueError(f'cost must be (..., n, m), got shape {cost.shape}')
