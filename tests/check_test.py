@@ -177,3 +177,12 @@ def test_python_dash_m_entry_point(tmp_path):
   assert proc.stderr.splitlines()[0] == (
       f"{e / 'tile_0000.npz'}: 'image' is an object array; refusing to unpickle it "
       '(allow_pickle=False): store a numeric array')
+
+
+@pytest.mark.parametrize('flag,value,match', [('--max-warnings', '-1', 'max-warnings must be >= 0'),
+                                              ('--sky-tolerance', '-5', 'sky-tolerance must be >= 0'),
+                                              ('--sky-tolerance', 'nan', 'sky-tolerance must be >= 0')])
+def test_negative_counts_and_tolerances_are_flag_errors(tmp_path, capsys, flag, value, match):
+  r, e = make_folders(tmp_path)
+  status, out, err = run_check(capsys, '--rubin-dir', r, '--euclid-dir', e, flag, value)
+  assert status == 2 and match in err

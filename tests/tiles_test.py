@@ -400,3 +400,51 @@ def test_wcs_decides_which_edge_an_extra_pixel_is_cropped_from(tmp_path):
   np.testing.assert_array_equal(pair['euclid'].image, image[:, 1:, 1:])
   assert pair.sky_offset_arcsec < 1e-6
   assert 'first row 1, first column 1' in pair.notes[0]
+
+
+def test_npz_wcs_stored_as_bytes_is_read_and_junk_wcs_text_is_refused(tmp_path):
+  r = write_npz(tmp_path / 'r.npz', *arrays(6, H),
+                wcs=np.bytes_(make_wcs(0.2, H).to_header_string().encode()))
+  off = write_npz(tmp_path / 'off.npz', *arrays(4, 2 * H),
+                  wcs=np.bytes_(make_wcs(0.1, 2 * H, dx=5).to_header_string().encode()))
+  rubin = tiles.read_tile(r, 'rubin')
+  assert rubin.wcs is not None  # bytes used to come out as "b'...'" and lose every card
+  with pytest.raises(TileError, match='does not cover the same sky'):
+    tiles.check_sky_alignment(rubin, tiles.read_tile(off, 'euclid'))
+  junk = write_npz(tmp_path / 'junk.npz', *arrays(6, H), wcs=np.str_('this is not a header'))
+  assert "key 'wcs' is not a valid FITS header (invalid card" in read_problem(junk)
+  empty = write_npz(tmp_path / 'empty.npz', *arrays(6, H), wcs=np.str_(''))
+  assert tiles.read_tile(empty, 'rubin').wcs is None  # '' = no WCS, as documented
+
+
+def test_npz_members_that_are_not_arrays_or_claim_too_much_are_corrupted(tmp_path):
+  import zipfile
+  image, rms = arrays(6, H)
+  raw = tmp_path / 'raw.npz'
+  with zipfile.ZipFile(raw, 'w') as z:  # members that are not .npy files
+    z.writestr('image.npy', b'garbage')
+    z.writestr('rms.npy', b'garbage')
+  assert "'image' is not a numpy array" in read_problem(raw)
+  # A .npy header that claims 6 x 1e7 x 1e7 float32 (2 PiB) over a few bytes of data.
+  huge = tmp_path / 'huge.npz'
+  header = {'descr': '<f4', 'fortran_order': False, 'shape': (6, 10 ** 7, 10 ** 7)}
+  import io
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buf, header)
+  rms_buf = io.BytesIO()
+  np.save(rms_buf, rms)
+  with zipfile.ZipFile(huge, 'w') as z:
+    z.writestr('image.npy', buf.getvalue() + b'\0' * 100)
+    z.writestr('rms.npy', rms_buf.getvalue())
+  problem = read_problem(huge)
+  assert "'image' is corrupted: its header claims shape (6, 10000000, 10000000)" in problem
+
+
+def test_rms_so_small_its_weight_overflows_is_masked_and_reported(tmp_path):
+  image, rms = arrays(6, H)
+  rms[2, :3, :3] = 1e-30  # 1/rms^2 = 1e60: inf in float32
+  rms[2, 5, 5] = 1e-18    # small but usable (weight 1e36)
+  tile = tiles.read_tile(write_npz(tmp_path / 't.npz', image, rms), 'rubin')
+  assert not tile.valid[2, :3, :3].any() and tile.valid[2, 5, 5]
+  assert np.isfinite(tile.inverse_variance()).all()
+  assert any('9 below 1e-19 (1/rms^2 overflows)' in w for w in tile.warnings)

@@ -306,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise cli.UserError(f'--size-tolerance must be >= 0, got {args.size_tolerance}')
   if not 0.0 <= args.min_band_valid_fraction <= 1.0:
     raise cli.UserError('--min-band-valid-fraction must be in [0, 1]')
+  if args.max_warnings < 0:
+    raise cli.UserError(f'--max-warnings must be >= 0, got {args.max_warnings}')
+  if args.sky_tolerance is not None and not args.sky_tolerance >= 0:  # NaN too
+    raise cli.UserError(f'--sky-tolerance must be >= 0 arcsec, got {args.sky_tolerance}')
   registry = _load_registry(args.bands)
   report = validate_folders(
       _folders(args), registry, allow_unpaired=args.allow_unpaired,

@@ -13,7 +13,8 @@ Accepted file formats (anything else is a `TileError` naming the file):
   ``rms``, numeric arrays of shape (n_bands, H, W) in the registry's band order (a 2-D
   (H, W) array is accepted for a one-band instrument). Optional key ``wcs``: a string
   holding a FITS header with the celestial WCS of the tile (e.g.
-  ``np.str_(wcs.to_header_string())``). Other keys are ignored.
+  ``np.str_(wcs.to_header_string())``; bytes are decoded, ``''`` means no WCS, text
+  that holds no valid card is an error). Other keys are ignored.
 * FITS (``.fits``, ``.fit``, ``.fts``, ``.fits.gz``), read with astropy, in one of two
   layouts, matched on EXTNAME (case-insensitive):
   (a) cube: an HDU named ``IMAGE`` or ``SCI`` holding (n_bands, H, W) and an HDU named
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 import warnings
 import zipfile
 import zlib
@@ -263,13 +265,41 @@ def _load_npz(path: pathlib.Path):
       if text.dtype.kind not in 'US' or text.size != 1:
         raise TileError(path, f"key '{NPZ_WCS_KEY}' must be a string holding a FITS header, "
                         f'got dtype {text.dtype} shape {text.shape}')
-      header = _header_from_text(str(text.reshape(())[()]), path)
+      value = text.reshape(())[()]
+      if isinstance(value, bytes):  # an 'S' array: str() would give "b'...'"
+        value = value.decode('latin-1')
+      # An empty string: no WCS, as if the key were absent.
+      header = _header_from_text(value, path) if value.strip() else None
   return image, rms, header
 
 
-def _npz_array(npz, key: str, path: pathlib.Path) -> np.ndarray:
+def _npz_member_check(npz, key: str, path: pathlib.Path):
+  """Refuses a member whose .npy header claims more data than the member holds, before
+  numpy allocates it (a corrupted header can claim petabytes)."""
+  name = key + '.npy'
   try:
-    return npz[key]
+    info = npz.zip.getinfo(name)
+    with npz.zip.open(name) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+  except Exception:  # pylint: disable=broad-except  # not a .npy member: npz[key] says
+    return
+  if dtype.hasobject:
+    return  # refused as an object array by npz[key]
+  claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+  if claimed > info.file_size:
+    raise TileError(path, f"'{key}' is corrupted: its header claims shape {tuple(shape)} "
+                    f'{dtype} ({claimed} bytes) but the member holds {info.file_size} bytes')
+
+
+def _npz_array(npz, key: str, path: pathlib.Path) -> np.ndarray:
+  _npz_member_check(npz, key, path)
+  try:
+    value = npz[key]
+  except MemoryError:
+    raise TileError(path, f"'{key}' is corrupted or too large to load (out of memory)") from None
   except ValueError as e:
     if 'allow_pickle' in str(e):
       raise TileError(path, f"'{key}' is an object array; refusing to unpickle it "
@@ -277,14 +307,36 @@ def _npz_array(npz, key: str, path: pathlib.Path) -> np.ndarray:
     raise TileError(path, f"'{key}' is truncated or corrupted ({e})") from None
   except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
     raise TileError(path, f"'{key}' is truncated or corrupted ({e})") from None
+  if not isinstance(value, np.ndarray):  # a member that is not a .npy file: raw bytes
+    raise TileError(path, f"'{key}' is not a numpy array (the archive member is not a .npy "
+                    'file): corrupted or not written by np.savez')
+  return value
 
 
 def _header_from_text(text: str, path: pathlib.Path):
   from astropy.io import fits
+  from astropy.io.fits.verify import VerifyWarning
+  from astropy.utils.exceptions import AstropyUserWarning
   try:
-    return fits.Header.fromstring(text, sep='\n' if '\n' in text else '')
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', VerifyWarning)  # judged below, by the cards' keywords
+      warnings.simplefilter('ignore', AstropyUserWarning)
+      header = fits.Header.fromstring(text, sep='\n' if '\n' in text else '')
+      bad = [c for c in header.cards if not _card_ok(c)]
   except Exception as e:  # astropy raises assorted types for malformed cards
     raise TileError(path, f"key '{NPZ_WCS_KEY}' is not a valid FITS header ({e})") from None
+  if not len(header) or len(bad) == len(header):  # junk text; one odd card is tolerated
+    what = f'invalid card {bad[0].image.strip()[:40]!r}' if bad else 'no cards'
+    raise TileError(path, f"key '{NPZ_WCS_KEY}' is not a valid FITS header ({what}); store "
+                    "np.str_(wcs.to_header_string()), or '' for no WCS")
+  return header
+
+
+def _card_ok(card) -> bool:
+  """A card with a FITS keyword (1-8 of A-Z 0-9 _ -, or a HIERARCH one): astropy parses
+  any text into 'cards', e.g. 'this is not a header' into the keyword 'THIS IS'."""
+  return (bool(re.fullmatch(r'[A-Z0-9_-]{1,8}', card.keyword or ''))
+          or card.image.upper().startswith('HIERARCH '))
 
 
 def _short_band(name: str, instrument: str) -> str:
@@ -392,11 +444,18 @@ def _as_float32(a: np.ndarray, key: str, path: pathlib.Path, notes: list[str]) -
     return a.astype(np.float32)
 
 
+# Smallest usable rms: 1 / _RMS_MIN**2 = 1e38, below float32's 3.4e38.
+_RMS_MIN = 1e-19
+
+
 def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dtype, notes,
           min_band_valid_fraction) -> InstrumentTile:
   """Counts and masks invalid pixels; flags bands with no (or too few) usable pixels."""
   bad_image = ~np.isfinite(image)                      # (C, H, W)
-  rms_ok = np.isfinite(rms) & (rms > 0)                # (C, H, W)
+  # rms below ~1e-19 is positive but its weight 1/rms^2 overflows float32 (inf): such a
+  # pixel would dominate (or poison) every weighted sum, so it is masked like rms <= 0.
+  rms_tiny = np.isfinite(rms) & (rms > 0) & (rms < _RMS_MIN)
+  rms_ok = np.isfinite(rms) & (rms >= _RMS_MIN)        # (C, H, W)
   valid = ~bad_image & rms_ok
   n_bad_image = bad_image.sum(axis=(1, 2))
   n_bad_rms = (~rms_ok).sum(axis=(1, 2))
@@ -414,7 +473,8 @@ def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dty
       if n_bad_rms[c]:
         band_rms = rms_in[c]
         kinds = {'zero': int((band_rms == 0).sum()), 'negative': int((band_rms < 0).sum()),
-                 'NaN/Inf': int((~np.isfinite(band_rms)).sum())}
+                 'NaN/Inf': int((~np.isfinite(band_rms)).sum()),
+                 f'below {_RMS_MIN:g} (1/rms^2 overflows)': int(rms_tiny[c].sum())}
         detail = ', '.join(f'{v} {k}' for k, v in kinds.items() if v)
         warns.append(f'{name}: {n_bad_rms[c]} rms pixel(s) masked ({detail}; '
                      f'{n_bad_rms[c] / n_pix:.2%} of the band)')
