@@ -448,3 +448,11 @@ def test_rms_so_small_its_weight_overflows_is_masked_and_reported(tmp_path):
   assert not tile.valid[2, :3, :3].any() and tile.valid[2, 5, 5]
   assert np.isfinite(tile.inverse_variance()).all()
   assert any('9 below 1e-19 (1/rms^2 overflows)' in w for w in tile.warnings)
+
+
+def test_an_unreadable_tile_path_is_a_tile_error(tmp_path):
+  # (Running as root, permissions cannot make a file unreadable; a directory named like a
+  # tile fails the same open() with an OSError.)
+  folder_like = tmp_path / 'tile_0000.npz'
+  folder_like.mkdir()
+  assert 'cannot read the file' in read_problem(folder_like)

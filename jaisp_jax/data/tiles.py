@@ -240,8 +240,11 @@ def read_tile(path: PathLike, instrument: str, registry: BandRegistry | None = N
 
 def _load_npz(path: pathlib.Path):
   """(image, rms, wcs header text or None) from an npz archive; never unpickles."""
-  with open(path, 'rb') as f:
-    magic = f.read(6)
+  try:
+    with open(path, 'rb') as f:
+      magic = f.read(6)
+  except OSError as e:  # e.g. no read permission
+    raise TileError(path, f'cannot read the file ({e.strerror or e})') from None
   if not magic:
     raise TileError(path, 'file is empty (0 bytes)')
   if magic.startswith(b'\x93NUMPY'):
@@ -639,7 +642,11 @@ def list_tile_files(folder: PathLike) -> tuple[dict[str, pathlib.Path], list[Til
     raise TileError(folder, 'not a folder')
   files: dict[str, pathlib.Path] = {}
   problems, ignored = [], []
-  for p in sorted(folder.iterdir()):
+  try:
+    entries = sorted(folder.iterdir())
+  except OSError as e:  # e.g. no read permission on the folder
+    raise TileError(folder, f'cannot list the folder ({e.strerror or e})') from None
+  for p in entries:
     name = tile_name(p)
     if name is None or not p.is_file():
       if not p.name.startswith('.'):
