@@ -452,7 +452,10 @@ def test_rms_so_small_its_weight_overflows_is_masked_and_reported(tmp_path):
 
 def test_an_unreadable_tile_path_is_a_tile_error(tmp_path):
   # (Running as root, permissions cannot make a file unreadable; a directory named like a
-  # tile fails the same open() with an OSError.)
+  # tile fails the same open() with an OSError. read_tile refuses it earlier, as 'not a
+  # regular file', so the loader's own guard is called directly.)
   folder_like = tmp_path / 'tile_0000.npz'
   folder_like.mkdir()
-  assert 'cannot read the file' in read_problem(folder_like)
+  assert 'not a regular file' in read_problem(folder_like)
+  with pytest.raises(TileError, match='cannot read the file'):
+    tiles._load_npz(folder_like)
