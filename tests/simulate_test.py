@@ -313,6 +313,8 @@ def test_command_line_refuses_to_mix_with_tiles_of_another_run(tmp_path):
   fewer = _run_cli(*args, '--n-tiles', '2')
   assert fewer.returncode == 2 and 'tile_0002.npz' in fewer.stderr
   assert len(fewer.stderr.strip().splitlines()) == 1
+  # The refused run changed nothing: the field keeps its truth.
+  assert len(truth.load_truth(str(tmp_path), 'mix')[0]) > 0
 
 
 @pytest.mark.parametrize('bad', [['--n-tiles', '0'], ['--n-tiles', 'many'], ['--size', '4'],
@@ -325,3 +327,51 @@ def test_command_line_bad_argument_is_one_line(tmp_path, bad):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and bad[0] in lines[0], result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_command_line_out_under_a_file_is_one_line(tmp_path):
+  (tmp_path / 'afile').write_text('x')
+  result = _run_cli('--out', str(tmp_path / 'afile' / 'sub'), '--field', 'f', '--n-tiles', '1',
+                    '--seed', '0')
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert '--out' in lines[0] and 'not a folder' in lines[0]
+
+
+def test_interrupted_resimulation_leaves_no_truth_of_other_tiles(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  config = dataclasses.replace(simulate.SimConfig(), size=16)
+  simulate.simulate_field(out, 'f', n_tiles=3, seed=0, config=config, registry=REGISTRY,
+                          workers=1)
+  old_truth = truth.load_truth(out, 'f')[0]
+  # Re-simulate with another seed, interrupted (as by Ctrl-C) after two of three tiles.
+  original = simulate._simulate_and_write
+  done = []
+
+  def interrupted(task):
+    if len(done) == 2:
+      raise KeyboardInterrupt
+    done.append(task[0])
+    return original(task)
+
+  monkeypatch.setattr(simulate, '_simulate_and_write', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    simulate.simulate_field(out, 'f', n_tiles=3, seed=7, config=config, registry=REGISTRY,
+                            workers=1)
+  monkeypatch.undo()
+  # A mix of seeds on disk (tiles 0, 1 new; tile 2 old) ...
+  layouts = simulate.tile_layout(3, config, REGISTRY)
+  for k, seed in ((0, 7), (2, 0)):
+    tile = simulate.simulate_tile(k, seed, config, REGISTRY, center_deg=layouts[k]['center_deg'],
+                                  n_tiles=3)
+    with np.load(os.path.join(out, 'rubin_tiles_f', tile.name + '.npz')) as f:
+      np.testing.assert_array_equal(f['image'], tile.images['rubin'])
+  # ... and no truth catalog or tiles file claiming to describe them.
+  assert not os.path.exists(truth.truth_path(out, 'f'))
+  assert not os.path.exists(truth.tiles_path(out, 'f'))
+  # Finishing the run brings a truth that matches its tiles back.
+  simulate.simulate_field(out, 'f', n_tiles=3, seed=7, config=config, registry=REGISTRY,
+                          workers=1)
+  table, tiles = truth.load_truth(out, 'f')
+  assert tiles['seed'] == 7 and table.meta['seed'] == 7
+  assert len(table) != len(old_truth) or not np.array_equal(table['ra'], old_truth['ra'])

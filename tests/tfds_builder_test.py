@@ -220,3 +220,55 @@ def test_simulated_build_keeps_truth_rows_sky_and_pixels(tmp_path):
   np.testing.assert_array_equal(rec['instruments']['euclid']['image'],
                                 sim.images['euclid'][:, 64:128, 0:64])
   np.testing.assert_array_equal(rec['instruments']['rubin']['rms'], sim.rms['rubin'][:, 32:64, :32])
+
+
+def _run_build(argv, capsys):
+  """The command line in-process: (exit status, stderr lines)."""
+  from jaisp_jax import cli
+  status = cli.run(build_cli.main, argv, prog='build')
+  return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize('bad', [['--split-seed', '-1'], ['--simulate', '1', '--seed', '-1'],
+                                 ['--simulate', '1', '--workers', '0']])
+def test_bad_seed_is_a_flag_error_before_anything_is_written(tmp_path, capsys, bad):
+  rng = np.random.default_rng(5)
+  data_dir = tmp_path / 'd'
+  if bad[0] == '--simulate':
+    argv = bad + ['--size', '32']
+  else:
+    dirs = _write_tiles(tmp_path / 'tiles', {'tile_0': _random_tile(rng)})
+    argv = bad + ['--rubin-dir', dirs['rubin'], '--euclid-dir', dirs['euclid']]
+  status, err = _run_build(argv + ['--data-dir', str(data_dir), '--chip-px', str(CHIP),
+                                   '--no-progress'], capsys)
+  flag = [f for f in bad if f in ('--split-seed', '--seed', '--workers')][0]
+  assert status == 2 and len(err) == 1 and flag in err[0], err
+  assert not data_dir.exists()
+
+
+def test_unusable_data_dir_is_refused_before_the_tiles_are_read(tmp_path, capsys):
+  # Bad tiles: had the tiles been validated first, the build would fail with exit 1.
+  dirs = _bad_folder(tmp_path)
+  afile = tmp_path / 'afile'
+  afile.write_text('x')
+  taken = tmp_path / 'taken'
+  (taken).mkdir()
+  (taken / tfds_builder.DEFAULT_NAME).write_text('x')
+  for data_dir, named in ((afile, afile), (afile / 'sub', afile),
+                          (taken, taken / tfds_builder.DEFAULT_NAME)):
+    status, err = _run_build(['--rubin-dir', dirs['rubin'], '--euclid-dir', dirs['euclid'],
+                              '--data-dir', str(data_dir), '--chip-px', str(CHIP),
+                              '--no-progress'], capsys)
+    assert status == 2 and len(err) == 1 and str(named) in err[0], err
+    assert 'not a folder' in err[0]
+  assert afile.read_text() == 'x' and (taken / tfds_builder.DEFAULT_NAME).read_text() == 'x'
+
+
+@pytest.mark.parametrize('name', ['a/b', '.hid', 'my-data', '9lives', ''])
+def test_bad_name_is_refused_before_simulating(tmp_path, capsys, name):
+  data_dir = tmp_path / 'sd'
+  status, err = _run_build(['--simulate', '1', '--size', '32', '--chip-px', '32',
+                            '--workers', '1', '--data-dir', str(data_dir), '--name', name,
+                            '--no-progress'], capsys)
+  assert status == 2 and len(err) == 1 and '--name' in err[0], err
+  assert not data_dir.exists()

@@ -19,13 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import shutil
 import sys
 from typing import Sequence
 
 from jaisp_jax import cli
 from jaisp_jax.data import check as check_lib
+from jaisp_jax.data import simulate as simulate_lib
 from jaisp_jax.data import tfds_builder
+
+# What `tfds.data_source(name, ...)` parses as a dataset name (tensorflow_datasets
+# core/naming.py): a dataset named otherwise builds, but the pipeline cannot read it.
+_NAME = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,16 +77,45 @@ def _options(args: argparse.Namespace) -> tfds_builder.ChipOptions:
     raise cli.UserError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')
   if not 0.0 <= args.min_valid_fraction <= 1.0:
     raise cli.UserError('--min-valid-fraction must be in [0, 1]')
+  if args.split_seed < 0:   # numpy seeds are non-negative
+    raise cli.UserError(f'--split-seed must be >= 0, got {args.split_seed}')
   return tfds_builder.ChipOptions(
       chip_px=args.chip_px, stride_px=args.stride_px,
       min_valid_fraction=args.min_valid_fraction, val_fraction=args.val_fraction,
       split_seed=args.split_seed)
 
 
-def _build_simulated(args, registry, options) -> tfds_builder.BuildReport:
-  """Simulates a field into a scratch folder of the data dir, then builds from it."""
+def _check_simulate_flags(args: argparse.Namespace, options: tfds_builder.ChipOptions) -> None:
+  if args.rubin_dir or args.euclid_dir or args.dir:
+    raise cli.UserError('--simulate builds from the simulator; do not also give tile folders')
+  if args.simulate < 1:
+    raise cli.UserError(f'--simulate must be >= 1, got {args.simulate}')
+  if args.seed < 0:
+    raise cli.UserError(f'--seed must be >= 0, got {args.seed}')
+  if args.workers is not None and args.workers < 1:
+    raise cli.UserError(f'--workers must be >= 1, got {args.workers}')
   if args.size < options.chip_px:
     raise cli.UserError(f'--size {args.size} is smaller than --chip-px {options.chip_px}')
+
+
+def _check_output(args: argparse.Namespace) -> None:
+  """The dataset's name and folder, checked before any work so that a bad one costs
+  nothing and leaves nothing behind (the build itself only finds out at its end)."""
+  if not _NAME.fullmatch(args.name):
+    raise cli.UserError(f'--name {args.name!r}: a dataset name is a letter followed by '
+                        'letters, digits and _ (what tfds.data_source reads)')
+  simulate_lib.check_output_folder(args.data_dir, '--data-dir')
+  folder = pathlib.Path(args.data_dir) / args.name
+  if os.path.lexists(folder) and not folder.is_dir():
+    raise cli.UserError(f'{folder}: exists and is not a folder (the dataset goes there); '
+                        'remove it or choose another --name')
+  final = folder / tfds_builder.VERSION
+  if final.exists() and not args.overwrite:
+    raise cli.UserError(f'{final}: dataset already built; pass --overwrite to replace it')
+
+
+def _build_simulated(args, registry, options) -> tfds_builder.BuildReport:
+  """Simulates a field into a scratch folder of the data dir, then builds from it."""
   data_dir = pathlib.Path(args.data_dir)
   data_dir.mkdir(parents=True, exist_ok=True)
   # Named like the builder's scratch folders, so a killed run's leftovers get removed.
@@ -101,15 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   registry = check_lib._load_registry(args.bands)  # pylint: disable=protected-access
   options = _options(args)
-  final = pathlib.Path(args.data_dir) / args.name / tfds_builder.VERSION
-  if final.exists() and not args.overwrite:
-    raise cli.UserError(f'{final}: dataset already built; pass --overwrite to replace it')
+  if args.simulate:
+    _check_simulate_flags(args, options)
+  _check_output(args)
   try:
     if args.simulate:
-      if args.rubin_dir or args.euclid_dir or args.dir:
-        raise cli.UserError('--simulate builds from the simulator; do not also give tile folders')
-      if args.simulate < 1:
-        raise cli.UserError(f'--simulate must be >= 1, got {args.simulate}')
       report = _build_simulated(args, registry, options)
     else:
       dirs = check_lib._folders(args)  # pylint: disable=protected-access

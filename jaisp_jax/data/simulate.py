@@ -262,24 +262,74 @@ def field_metadata(field: str, seed: int, n_tiles: int, config: SimConfig,
               bands=band_info, config=dataclasses.asdict(config), tiles={})
 
 
+def preview_path(out_dir: str, field: str) -> str:
+  return os.path.join(out_dir, f'preview_{field}.png')
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+  """Raises UserError unless `path` is a folder or can be made one (checked before work).
+
+  Walks up to the nearest existing path, which must be a writable folder: a regular
+  file anywhere on the way would otherwise fail `os.makedirs` late, with a traceback.
+  """
+  path = os.fspath(path)
+  folder = os.path.abspath(path)
+  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    what = 'exists and is not a folder' if folder == os.path.abspath(path) else \
+        f'{folder} is not a folder'
+    raise UserError(f'{flag} {path}: {what}')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise UserError(f'{flag} {path}: {folder} is not writable')
+
+
 def simulate_field(out_dir: str, field: str, n_tiles: int, seed: int,
                    config: SimConfig = SimConfig(),
                    registry: bands_lib.BandRegistry | None = None,
                    workers: int | None = None, preview: bool = False) -> dict[str, str]:
-  """Simulates a field to disk (layout in the module docstring); returns the paths written."""
+  """Simulates a field to disk (layout in the module docstring); returns the paths written.
+
+  Re-simulating an existing field overwrites its tiles. The truth catalog, tiles file and
+  preview of the field are removed before the first tile is overwritten and written anew
+  only once every tile is, so an interrupted run leaves tiles with no truth (which readers
+  such as `evaluate.heldout` take as "no truth"), never a truth of other tiles.
+
+  Raises:
+    FileExistsError: the field's folders hold tiles of an earlier, larger run, or one of
+      its paths is taken by something of the wrong kind (nothing is changed then).
+  """
   registry = registry or bands_lib.default_registry()
   workers = max(1, min(workers or os.cpu_count() or 1, n_tiles))
   layouts = tile_layout(n_tiles, config, registry)
   names = {tile_name(k, n_tiles) + '.npz' for k in range(n_tiles)}
-  for inst in registry.instruments:
-    folder = tile_dir(out_dir, inst, field)
-    os.makedirs(folder, exist_ok=True)
+  folders = [tile_dir(out_dir, inst, field) for inst in registry.instruments]
+  derived = [truth.truth_path(out_dir, field), truth.tiles_path(out_dir, field),
+             preview_path(out_dir, field)]
+  # Everything that could refuse the run is checked before anything is changed.
+  for folder in folders:
+    if not os.path.lexists(folder):
+      continue
+    if not os.path.isdir(folder):
+      raise FileExistsError(f'{folder} exists and is not a folder')
     # Tiles of an earlier, larger run would be paired with this run's truth: refuse.
-    # Temporary files of an interrupted run are ours to remove.
     stale = sorted(n for n in os.listdir(folder) if n.endswith('.npz') and n not in names)
     if stale:
       raise FileExistsError(f'{folder} holds {len(stale)} tile(s) not written by this run '
                             f'({stale[0]}, ...); use another --out or --field, or remove them')
+  for path in derived:
+    if os.path.lexists(path) and not os.path.isfile(path):
+      raise FileExistsError(f'{path} exists and is not a file')
+  # Invalidate rather than stage: the old truth goes before any tile is overwritten. A
+  # scratch field swapped in at the end would need twice the disk, and its swap (one
+  # rename per instrument folder plus the truth files, beside other fields in `out_dir`)
+  # could still be interrupted half-way, leaving the same mix this ordering rules out.
+  for path in derived:
+    if os.path.lexists(path):
+      os.remove(path)
+  for folder in folders:
+    os.makedirs(folder, exist_ok=True)
+    # Temporary files of an interrupted run are ours to remove.
     for name in os.listdir(folder):
       if name.startswith('.tile_') and name.endswith('.tmp'):
         os.remove(os.path.join(folder, name))
@@ -363,7 +413,7 @@ def write_preview(out_dir: str, field: str, name: str,
     ax.set_xlabel(f'x_{inst} (px; East left, North up)')
   np.atleast_1d(axes)[0].legend(loc='upper right', fontsize=8, framealpha=0.6)
   fig.tight_layout()
-  path = os.path.join(out_dir, f'preview_{field}.png')
+  path = preview_path(out_dir, field)
   truth.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
   plt.close(fig)
   return path
@@ -412,8 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise UserError(f'--size {args.size}: tiles must be at least 8 px wide')
   if args.seed < 0:
     raise UserError(f'--seed {args.seed}: must be >= 0')
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise UserError(f'--out {args.out}: exists and is not a folder')
+  check_output_folder(args.out, '--out')
   os.makedirs(args.out, exist_ok=True)
   config = dataclasses.replace(SimConfig(), size=args.size)
   try:
