@@ -18,6 +18,11 @@ class UserError(Exception):
   """
 
 
+class ConfigError(UserError, ValueError):
+  """A config value the code cannot run with (e.g. a batch that does not split over the
+  devices): one line and exit 2 on the command line, a ValueError for library callers."""
+
+
 # Exit statuses of the command-line tools.
 EXIT_OK = 0
 EXIT_INVALID_INPUT = 1   # the input was read and found bad (e.g. `check` found bad tiles)

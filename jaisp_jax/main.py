@@ -78,8 +78,12 @@ def _main(argv):
     raise cli.UserError('--config is required, e.g. --config=configs/jepa.py:smoke')
   if not _WORKDIR.value:
     raise cli.UserError('--workdir is required')
+  try:
+    config = _CONFIG.value
+    config.model  # pylint: disable=pointless-statement  # a file that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except  # the user's config file's errors
+    raise cli.UserError(_config_problem(sys.argv, e)) from None
   _init_distributed()
-  config = _CONFIG.value
   workdir = _WORKDIR.value
   if _MODE.value == 'train':
     from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -94,6 +98,39 @@ def _main(argv):
     export.export(config, workdir, _EXPORT_DIR.value)
 
 
+def _config_problem(argv, error: Exception) -> str:
+  """One line saying what is wrong with the --config flags of `argv`, for an `error`
+  raised while parsing or loading them (absl wraps the config file's own traceback)."""
+  from jaisp_jax.bench import configs  # pylint: disable=g-import-not-at-top
+  spec, overrides = None, []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith('--config='):
+      spec = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith('--config.'):
+      overrides.append(arg)
+  if spec:
+    try:
+      configs.load_config(spec, overrides)
+    except cli.UserError as e:
+      return str(e)
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a SyntaxError in the file
+      where = f' (line {e.lineno})' if isinstance(e, SyntaxError) and e.lineno else ''
+      return (f'--config={spec}: cannot load the config file{where}: {type(e).__name__}: '
+              f'{str(e).splitlines()[0] if str(e) else ""}')
+  return str(error).strip().splitlines()[0]
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with any failure as one line and exit 2 (no traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # flags.Error, config file errors
+    print(f'jaisp_jax.main: error: {_config_problem(argv, e)}', file=sys.stderr)
+    sys.exit(cli.EXIT_USAGE)
+
+
 def main():
   def run(argv):
     try:
@@ -101,7 +138,7 @@ def main():
     except cli.UserError as e:
       print(f'jaisp_jax.main: error: {e}', file=sys.stderr)
       sys.exit(cli.EXIT_USAGE)
-  app.run(run)
+  app.run(run, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -85,3 +85,35 @@ def test_a_config_that_does_not_match_the_params_is_a_clear_error(tiny_bundle, t
   img = np.zeros((1, 1, 32, 32), np.float32)
   with pytest.raises(ValueError, match="config does not match its parameters"):
     m.get_representation(img, np.ones_like(img), 'rubin_r')
+
+
+def test_export_replaces_a_bundle_but_never_deletes_anything_else(tiny_bundle, tmp_path):
+  import os
+  import shutil
+  from jaisp_jax import bands as bands_lib
+  from jaisp_jax.train import export
+  m = inference.load(tiny_bundle)
+  registry = bands_lib.BandRegistry.from_config(m.config.bands)
+  write = lambda d: export.write_bundle(str(d), m.params, m.config, registry, step=7)
+  # A previous bundle is replaced (its manifest says the new step).
+  again = tmp_path / 'again'
+  shutil.copytree(tiny_bundle, again)
+  write(again)
+  assert json.loads((again / 'manifest.json').read_text())['step'] == 7
+  assert os.stat(again).st_mode & 0o055  # readable by others (mkdtemp makes 0700)
+  # A folder of other things, or a file, is refused and left as it was.
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'precious.txt').write_text('keep me')
+  with pytest.raises(UserError, match='not a jaisp-jax bundle.*refusing to replace it'):
+    write(notes)
+  assert (notes / 'precious.txt').read_text() == 'keep me'
+  afile = tmp_path / 'afile'
+  afile.write_text('keep me too')
+  with pytest.raises(UserError, match='exists and is not a folder'):
+    write(afile)
+  assert afile.read_text() == 'keep me too'
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  write(empty)  # an empty folder is fine
+  assert inference.load(str(empty)).manifest['step'] == 7

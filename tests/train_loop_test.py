@@ -133,6 +133,10 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(reference_run, tmp_pa
   rc, err = run_until_checkpoint(workdir, 6, signal.SIGTERM)
   assert rc == 0, err[-2000:]
   assert 'SIGTERM: saved a checkpoint at step' in err
+  # Ctrl-C (SIGINT) is as polite: save, stop, exit 0, no traceback.
+  rc, err = run_until_checkpoint(workdir, 9, signal.SIGINT)
+  assert rc == 0, err[-2000:]
+  assert 'SIGINT: saved a checkpoint at step' in err and 'Traceback' not in err
   run_main(workdir)
   a = final_params(reference_run[0])
   b = final_params(workdir)
@@ -143,17 +147,74 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(reference_run, tmp_pa
 def test_shape_changing_config_on_old_workdir_fails_cleanly(reference_run):
   workdir, _ = reference_run
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  config_json = open(os.path.join(workdir, 'config.json')).read()
   p = run_main(workdir, '--config.model.trunk.embed_dim=48', check=False)
   assert p.returncode == 2
+  # The refused config does not replace the run's own (which matches its checkpoints).
+  assert open(os.path.join(workdir, 'config.json')).read() == config_json
   assert 'Traceback' not in p.stderr
   assert 'does not fit this config' in p.stderr and 'checkpoint has shape' in p.stderr
   assert len([l for l in p.stderr.splitlines() if 'error' in l]) == 1
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
 
 
+@pytest.mark.parametrize('flag,match', [
+    ('--config.log_every=0', 'config.log_every must be an integer >= 1, got 0'),
+    ('--config.total_steps=-3', 'config.total_steps must be an integer >= 0, got -3'),
+    ('--config.data.pairs_per_batch=0', 'config.data.pairs_per_batch must be an integer >= 1'),
+])
+def test_unusable_config_values_are_one_line_errors_before_anything_is_written(
+    tmp_path, flag, match):
+  workdir = tmp_path / 'w'
+  p = run_main(str(workdir), flag, check=False)
+  assert p.returncode == 2 and match in p.stderr and 'Traceback' not in p.stderr
+  assert not workdir.exists()
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_a_one_line_error(tmp_path):
+  # 8 simulated devices: 12 pairs do not split over them.
+  p = subprocess.run(main_cmd(str(tmp_path / 'w'), '--config.data.pairs_per_batch=12'),
+                     cwd=ROOT, env=env(devices=8), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 2 and 'Traceback' not in p.stderr
+  assert 'must be a positive multiple of the data-parallel size' in p.stderr
+
+
+@pytest.mark.parametrize('args,match', [
+    (['--config=configs/nosuch.py'], "no config file 'configs/nosuch.py'"),
+    (['--config=configs/jepa.py:nosuch'], "unknown size 'nosuch'; choose one of smoke"),
+    (['--config=configs/jepa.py:smoke', '--config.model.nosuch=1'],
+     'no such field (config.model has: clip, detr'),
+    (['--config=configs/jepa.py:smoke', '--config.total_steps=abc'], 'expected an integer'),
+    (['--config=SYNTAX'], 'cannot load the config file (line 1): SyntaxError'),
+])
+def test_config_file_and_flag_errors_are_one_line(tmp_path, args, match):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config(:\n')
+  args = [a.replace('SYNTAX', str(bad)) for a in args]
+  cmd = [sys.executable, '-m', 'jaisp_jax.main', *args, f'--workdir={tmp_path / "w"}']
+  p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  lines = [l for l in p.stderr.splitlines() if 'jaisp_jax.main: error' in l]
+  assert p.returncode == 2 and len(lines) == 1 and match in lines[0], p.stderr[-1500:]
+  assert 'Traceback' not in p.stderr and not (tmp_path / 'w').exists()
+
+
 def test_misspelt_config_key_fails_with_valid_keys(tmp_path):
   p = run_main(str(tmp_path), '--config.total_stepz=3', check=False)
   assert p.returncode != 0 and 'total_stepz' in p.stderr and 'total_steps' in p.stderr
+
+
+def test_export_refuses_the_workdir_and_a_folder_that_is_not_a_bundle(reference_run, tmp_path):
+  workdir, _ = reference_run
+  before = sorted(os.listdir(workdir))
+  p = run_main(workdir, '--mode=export', f'--export_dir={workdir}', check=False)
+  assert p.returncode == 2 and 'is the run directory itself' in p.stderr
+  assert 'Traceback' not in p.stderr and sorted(os.listdir(workdir)) == before
+  other = tmp_path / 'notes'
+  other.mkdir()
+  (other / 'precious.txt').write_text('keep me')
+  p = run_main(workdir, '--mode=export', f'--export_dir={other}', check=False)
+  assert p.returncode == 2 and 'not a jaisp-jax bundle' in p.stderr
+  assert os.listdir(other) == ['precious.txt']
 
 
 def test_export_restores_in_a_fresh_process(reference_run, tmp_path):

@@ -9,6 +9,7 @@ fails with the valid keys, as in main).
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 from typing import Sequence
@@ -58,9 +59,25 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     for p in parents:
       node = node[p]
     current = node[leaf]
-  except (KeyError, AttributeError) as e:
-    raise UserError(f'--config.{key}: no such field ({e})') from None
+  except (KeyError, AttributeError, TypeError):  # TypeError: indexing into a leaf value
+    raise UserError(f'--config.{key}: no such field ({_fields_near(config, key)})') from None
   node[leaf] = _parse_like(value, current, key)
+
+
+def _fields_near(config: ml_collections.ConfigDict, key: str) -> str:
+  """'config.model has ...' for the deepest existing parent of `key`, closest name first."""
+  node, path = config, 'config'
+  for part in key.split('.')[:-1]:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      break
+    node, path = node[part], f'{path}.{part}'
+  if not isinstance(node, ml_collections.ConfigDict):
+    return f'{path} holds a value ({type(node).__name__}), not a group of fields'
+  names = sorted(node.keys())
+  missing = key.split('.')[len(path.split('.')) - 1]
+  close = difflib.get_close_matches(missing, names, n=1)
+  hint = f'did you mean {path}.{close[0]}? ' if close else ''
+  return f'{hint}{path} has: {", ".join(names)}'
 
 
 _KIND = {int: 'an integer', float: 'a number'}

@@ -41,6 +41,7 @@ from typing import Mapping
 import numpy as np
 
 from jaisp_jax import bands as bands_lib
+from jaisp_jax.cli import ConfigError
 from jaisp_jax.data import batch as batch_lib
 
 DEFAULT_PROBS = {'cross_instrument': 0.5, 'hard': 0.3, 'random': 0.2}
@@ -73,11 +74,11 @@ class PairSampler:
     probs = dict(DEFAULT_PROBS if probs is None else probs)
     unknown = set(probs) - set(batch_lib.PAIR_KINDS)
     if unknown:
-      raise ValueError(f'unknown pairing strategies {sorted(unknown)}; '
+      raise ConfigError(f'unknown pairing strategies {sorted(unknown)}; '
                        f'known: {batch_lib.PAIR_KINDS}')
     p = np.array([float(probs.get(k, 0.0)) for k in batch_lib.PAIR_KINDS])
     if (p < 0).any() or abs(p.sum() - 1.0) > 1e-6:
-      raise ValueError(f'pairing probabilities must be >= 0 and sum to 1, got {probs}')
+      raise ConfigError(f'pairing probabilities must be >= 0 and sum to 1, got {probs}')
     if len(registry) < 2:
       raise ValueError('pairing needs a registry with at least two bands')
     self.kind_probs = p  # (K,)
@@ -103,7 +104,7 @@ class PairSampler:
       self.hard_threshold_nm = float(hard_min_gap_nm)
     else:
       if not 0 < hard_top_fraction <= 1:
-        raise ValueError(f'hard_top_fraction must be in (0, 1], got {hard_top_fraction}')
+        raise ConfigError(f'hard_top_fraction must be in (0, 1], got {hard_top_fraction}')
       k = max(1, int(np.ceil(hard_top_fraction * len(self.pair_gap) - 1e-9)))
       self.hard_threshold_nm = float(np.sort(self.pair_gap)[::-1][k - 1])
     hard = self.pair_gap >= self.hard_threshold_nm
@@ -114,7 +115,7 @@ class PairSampler:
       m = members[kind]
       if not m.any():
         if p[s] > 0:
-          raise ValueError(f'pairing strategy {kind!r} has probability {p[s]} but no '
+          raise ConfigError(f'pairing strategy {kind!r} has probability {p[s]} but no '
                            f'band pair of this registry qualifies')
         continue
       cond[s] = m / m.sum()
@@ -156,7 +157,7 @@ class PairSampler:
     the mixture (see `rounding_report`) but keeps every combination in every batch.
     """
     if n_pairs <= 0 or multiple <= 0 or n_pairs % multiple:
-      raise ValueError(f'the number of pairs ({n_pairs}) must be a positive multiple '
+      raise ConfigError(f'the number of pairs ({n_pairs}) must be a positive multiple '
                        f'of the data-parallel size ({multiple})')
     units = n_pairs // multiple
     p = np.array(list(self.combo_probs().values()))
@@ -164,7 +165,7 @@ class PairSampler:
     fixed = np.zeros(len(p), bool)
     if min_units:
       if min_units * (p > 0).sum() > units:
-        raise ValueError(f'min_per_combo={min_per_combo} for {(p > 0).sum()} combinations '
+        raise ConfigError(f'min_per_combo={min_per_combo} for {(p > 0).sum()} combinations '
                          f'does not fit in {n_pairs} pairs')
       # Pin the combinations whose share falls below the minimum, then share the rest.
       while True:

@@ -31,14 +31,37 @@ from jaisp_jax.train import checkpoint as ckpt_lib
 FORMAT_VERSION = 1
 
 
+def check_target(export_dir: str):
+  """Refuses an `export_dir` that writing a bundle would destroy: a file, or a folder that
+  is neither empty nor a previous bundle (a bundle is replaced; anything else is kept)."""
+  if not os.path.lexists(export_dir):
+    return
+  if not os.path.isdir(export_dir) or os.path.islink(export_dir):
+    raise UserError(f'{export_dir}: exists and is not a folder; refusing to replace it with '
+                    'the bundle (remove it or choose another --export_dir)')
+  entries = os.listdir(export_dir)
+  if entries and 'manifest.json' not in entries:
+    raise UserError(f'{export_dir}: exists and is not a jaisp-jax bundle ({len(entries)} '
+                    'entries, no manifest.json); refusing to replace it (remove it or choose '
+                    'another --export_dir)')
+
+
 def write_bundle(export_dir: str, params, config: ml_collections.ConfigDict, registry,
                  step: int) -> str:
-  """Writes a bundle of `params` (host or device arrays) atomically; returns its path."""
+  """Writes a bundle of `params` (host or device arrays) atomically; returns its path.
+
+  An existing bundle at `export_dir` is replaced; any other existing content is refused
+  (`check_target`), never deleted.
+  """
   export_dir = os.path.abspath(export_dir)
+  check_target(export_dir)
   parent = os.path.dirname(export_dir)
   os.makedirs(parent, exist_ok=True)
   host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
   tmp = tempfile.mkdtemp(prefix='.export-tmp-', dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: a bundle is meant to be shared
   try:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, 'params'), host_params)
@@ -66,6 +89,12 @@ def write_bundle(export_dir: str, params, config: ml_collections.ConfigDict, reg
 def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str) -> str:
   """Exports the latest checkpoint of `workdir` (its EMA target) to `export_dir`."""
   from jaisp_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):  # (the Checkpointer would
+    raise UserError(f'{workdir}: no checkpoint to export; train first')  # create it)
+  if os.path.abspath(export_dir) == os.path.abspath(workdir):
+    raise UserError(f'--export_dir {export_dir} is the run directory itself; give another '
+                    'folder (e.g. <workdir>/export)')
+  check_target(export_dir)  # before the restore: a refused target costs nothing
   trainer = trainer_lib.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=config.keep_checkpoints)
   step = ckpt.latest_step()

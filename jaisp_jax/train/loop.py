@@ -10,7 +10,8 @@ Order of events:
      TensorBoard and printed; every `config.eval.every` steps the EMA target is
      evaluated on held-out chips (retrieval vs chance, RankMe);
   4. checkpoints every `config.checkpoint_every` steps and at the end; SIGTERM
-     (preemption) saves and exits cleanly; a run killed outright resumes from the
+     (preemption) or a first Ctrl-C saves and exits cleanly (a second Ctrl-C stops at
+     once); a run killed outright resumes from the
      last checkpoint and ends bitwise equal (on CPU) to an uninterrupted one.
 """
 
@@ -30,7 +31,7 @@ import numpy as np
 from clu import periodic_actions
 
 from jaisp_jax import bands as bands_lib
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import ConfigError, UserError
 from jaisp_jax.data import pipeline
 from jaisp_jax.models import jaisp
 from jaisp_jax.train import checkpoint as ckpt_lib
@@ -79,33 +80,61 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop polls, so it can save
+  before exiting. A second Ctrl-C interrupts at once (Python's default handler is back
+  after the first)."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the name of the signal that asked to stop
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside some test runners)
-      self._previous = None
+    for sig in self._SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT and signal.SIGINT in self._previous:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+
+
+# Fields that must be at least this (a zero log_every used to crash after the first
+# step, a negative total_steps to "finish" at once).
+_MINIMA = {'total_steps': 0, 'log_every': 1, 'checkpoint_every': 1, 'keep_checkpoints': 1,
+           'max_consecutive_skips': 1, 'profile_steps': 0, 'eval.every': 0,
+           'eval.max_chips': 1, 'data.pairs_per_batch': 1}
+
+
+def check_config(config: ml_collections.ConfigDict):
+  """ConfigError naming the first field of `_MINIMA` below its minimum."""
+  for field, low in _MINIMA.items():
+    node = config
+    for part in field.split('.'):
+      node = node[part]
+    if not isinstance(node, int) or node < low:
+      raise ConfigError(f'config.{field} must be an integer >= {low}, got {node!r}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it has a checkpoint); returns final figures."""
-  os.makedirs(workdir, exist_ok=True)
+  check_config(config)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:  # a regular file, or a path under one
+    raise UserError(f'--workdir {workdir}: cannot use it as the run directory '
+                    f'({e.strerror or e})') from None
   trainer = Trainer(config)
-  _save_config(config, workdir)
   registry = trainer.registry
   _log(f'jaisp-jax: variant={config.model.variant} devices={jax.device_count()} '
        f'processes={jax.process_count()} mesh={dict(trainer.mesh.shape)} workdir={workdir}')
@@ -121,6 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = trainer.fresh_state(shardings)
     start = 0
+  # Only now: a resume refused for another architecture must not leave the run's
+  # config.json describing parameters its checkpoints do not hold.
+  _save_config(config, workdir)
   n_params = jaisp.count_params(state.params)
   _log(f'parameters: {n_params:,} trainable')
 
@@ -183,8 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(step, state, data_iter, force=True)
         ckpt.close()
         logger.flush()
-        _log(f'SIGTERM: saved a checkpoint at step {step} and stopped; run the same command '
-             f'to resume.')
+        _log(f'{preempt.requested}: saved a checkpoint at step {step} and stopped; run the '
+             'same command to resume.')
         return figures
 
   final = logger.flush()

@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaisp_jax.cli import ConfigError
+
 DATA_AXES = ('data', 'fsdp')  # the batch's leading axis is split over both
 
 
@@ -37,11 +39,11 @@ def make_mesh(config: ml_collections.ConfigDict,
   fsdp = int(config.mesh.fsdp)
   data = int(config.mesh.data)
   if fsdp < 1 or n % fsdp:
-    raise ValueError(f'config.mesh.fsdp={fsdp} must divide the {n} available devices')
+    raise ConfigError(f'config.mesh.fsdp={fsdp} must divide the {n} available devices')
   if data == -1:
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f'config.mesh.data={data} x config.mesh.fsdp={fsdp} != {n} devices; '
+    raise ConfigError(f'config.mesh.data={data} x config.mesh.fsdp={fsdp} != {n} devices; '
                      f'use config.mesh.data=-1 to take all remaining devices')
   grid = np.asarray(devices).reshape(data, fsdp)
   return Mesh(grid, ('data', 'fsdp'))
