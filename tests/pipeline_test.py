@@ -215,6 +215,43 @@ def test_eval_gives_at_least_one_batch_from_few_chips(data_dir):
   assert len(batches) == 1
 
 
+def _distinct_rows(x):
+  flat = x.reshape(len(x), -1)
+  return len(np.unique(flat, axis=0)) == len(flat)
+
+
+def test_make_eval_iterator_reads_each_chip_once_in_order(data_dir):
+  # The training stream's one epoch repeats chips to fill a batch (test above); the
+  # evaluation pass must not: N chips, fewer than a batch, give N chips, each once.
+  c = _config(data_dir, pairs_per_batch=64, min_pairs_per_combo=0, chips_per_batch=0)
+  n = len(pipeline.open_source(c, 'validation', REG))
+  assert 2 <= n < 64
+  batches = list(pipeline.make_eval_iterator(c, REG, max_chips=100, batch_size=3))
+  assert [len(b['index']) for b in batches] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+  np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches]), np.arange(n))
+  for inst in ('rubin', 'euclid'):
+    images = np.concatenate([b['chips'][inst]['image'] for b in batches])
+    assert images.shape[0] == n and _distinct_rows(images)
+  # Deterministic and independent of the batch size; max_chips takes the first chips.
+  one = list(pipeline.make_eval_iterator(c, REG, batch_size=64))
+  assert len(one) == 1
+  _assert_same(one[0]['chips'], jax.tree.map(lambda *x: np.concatenate(x),
+                                             *[b['chips'] for b in batches]))
+  first = list(pipeline.make_eval_iterator(c, REG, max_chips=n - 1))
+  np.testing.assert_array_equal(first[0]['index'], np.arange(n - 1))
+  _assert_same(first[0]['chips'], jax.tree.map(lambda x: x[:n - 1], one[0]['chips']))
+  # The view is the centred crop (Rubin 16 of 24 px), unflipped: a seed changes nothing.
+  _assert_same(one, list(pipeline.make_eval_iterator(_config(data_dir, seed=7), REG)))
+  source = pipeline.open_source(c, 'validation', REG)
+  for i in range(n):
+    for inst, f in (('rubin', 1), ('euclid', 2)):
+      raw = np.asarray(source[i]['instruments'][inst]['image'])[0, 4 * f:20 * f, 4 * f:20 * f]
+      got = one[0]['chips'][inst]['image'][i, 0]    # = raw crop / the band's noise scale
+      assert got.shape == raw.shape
+      np.testing.assert_allclose(got * (raw.std() / got.std()), raw, rtol=1e-4, atol=1e-4)
+  assert one[0]['chips']['euclid']['band_valid'][:, 2].sum() == 0  # euclid_j masked
+
+
 def test_a_jitted_consumer_traces_once_whatever_the_pair_mix(data_dir):
   it = iter(pipeline.make_dataset(_config(data_dir), REG, data_parallel=4))
 

@@ -37,13 +37,17 @@ axis with ``jax.make_array_from_process_local_data`` (`GlobalBatchIterator`). Th
 iterator state (grain's, a few integers per worker) is checkpointable with
 ``grain.checkpoint.CheckpointSave``; a restored iterator yields exactly the batches
 the uninterrupted one would have.
+
+Evaluation (`make_eval_iterator`) is not this stream: it reads the first chips of
+the evaluation split once each, in order, as centred crops, with the same chips on
+every process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import ml_collections
@@ -400,10 +404,66 @@ def make_iterator(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
-                       sharding) -> GlobalBatchIterator:
-  """One unshuffled pass over `config.eval_split` (partial last batch dropped)."""
-  return make_iterator(config, registry, sharding, split=config.eval_split, num_epochs=1,
-                       shuffle=False)
+                       *, max_chips: int | None = None, batch_size: int = 64,
+                       source=None) -> Iterator[dict]:
+  """One unshuffled pass over the first `max_chips` chips of `config.eval_split`.
+
+  Every chip is read exactly once, in record order: chips are never repeated to fill
+  a batch (the training stream's `make_dataset(num_epochs=1)` does repeat them, which
+  made retrieval "find" a chip among other crops of itself), and none is dropped for
+  a partial batch. The view of a chip is its centred `config.crop_arcsec` crop, with
+  no flip or rotation, so the chips depend only on the split and `max_chips` (not on
+  the seed, the batch size or the number of processes).
+
+  Every process reads the same chips itself (no sharding, no gather): evaluation
+  embeds the same host arrays on every process, as a jitted function given host
+  arrays requires, and an eval set (a few hundred chips) is cheap to decode.
+
+  Yields host numpy batches ``{'index': (B,) record indices, 'chips': {instrument:
+  {'image', 'rms', 'mask': (B, n_bands, h, w), 'band_valid': (B, n_bands)}}}`` of
+  `batch_size` chips, the last one smaller when the chips do not fill it.
+
+  Args:
+    config: `default_data_config()`-like.
+    max_chips: at most this many chips (None = the whole split).
+    batch_size: chips per yielded batch.
+    source: a random-access sequence of records (default: `open_source`).
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  source = open_source(config, config.eval_split, registry) if source is None else source
+  n = len(source) if max_chips is None else min(len(source), int(max_chips))
+  return _eval_batches(config, registry, source, n, batch_size)
+
+
+def _eval_batches(config, registry, source, n: int, batch_size: int) -> Iterator[dict]:
+  if n == 0:
+    return
+  eval_config = config.copy_and_resolve_references()
+  eval_config.cache_mb = 0  # each chip is read once: a cache would only hold memory
+  # PairElement only for its record reading (TFDS decoder or simulated records, and
+  # its error for a damaged record): the layout is empty, no pair is drawn.
+  reader = PairElement(source, registry, eval_config, Layout({}, (), 0), shard_index=0,
+                       shard_count=1, shuffle=False)
+  crop = float(config.crop_arcsec)
+  for start in range(0, n, batch_size):
+    index = np.arange(start, min(start + batch_size, n))
+    chips = []
+    for i in index:
+      chip, valid = reader.chip(int(i))
+      chips.append(augment.make_chip_sample(chip, registry, _centre_geometry(chip, registry, crop),
+                                            None, valid))
+    yield {'index': index, 'chips': _stack(chips)}
+
+
+def _centre_geometry(chip: Mapping, registry: bands_lib.BandRegistry,
+                     crop_arcsec: float) -> augment.Geometry:
+  """The centred crop of `crop_arcsec`, unflipped and unrotated."""
+  # sample_geometry checks the crop (whole pixels, fits the chip); only its origin moves.
+  geom = augment.sample_geometry(np.random.default_rng(0), chip, registry, crop_arcsec,
+                                 flip=False, rot90=False)
+  h, w, _ = augment.chip_geometry(chip, registry)
+  return dataclasses.replace(geom, y0=(h - geom.size) // 2, x0=(w - geom.size) // 2)
 
 
 def batch_quotas(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,

@@ -7,7 +7,9 @@ measures two things that a collapsed or untrained encoder cannot fake:
   retrieval_top1  cross-instrument retrieval: for each held-out chip, the global
                   embedding of `eval.query_band` (Rubin r) must find the same chip's
                   `eval.gallery_band` (Euclid VIS) embedding among all held-out chips
-                  (cosine similarity). Chance is 1 / N.
+                  (cosine similarity). Chance is 1 / N, N the number of distinct
+                  held-out chips (each chip of the split is used once, at most
+                  `eval.max_chips` of them); with N < 2 retrieval is nan.
   rankme          effective rank of the embeddings (RankMe, Garrido et al. 2023:
                   exp of the entropy of the normalised singular values), out of D.
   effective_dim   participation ratio of the embedding covariance, (sum l)^2 / sum l^2.
@@ -19,46 +21,44 @@ the training split.
 
 from __future__ import annotations
 
-import copy
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from jaisp_jax import bands as bands_lib
+from jaisp_jax.cli import UserError
 from jaisp_jax.data import pipeline
 from jaisp_jax.models import jaisp
 from jaisp_jax.objectives import vicreg
 
 
-def eval_data_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The data config of evaluation: every sample also carries its all-band chip."""
-  c = copy.deepcopy(data)
-  with c.unlocked():
-    c.chips_per_batch = c.pairs_per_batch
-    c.num_workers = 0
-  return c
-
-
 def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
-                  sharding) -> dict[str, dict[str, np.ndarray]]:
-  """Up to `config.eval.max_chips` held-out chips on the host: {instrument: arrays}."""
-  it = pipeline.make_eval_iterator(eval_data_config(config.data), registry, sharding)
-  parts: list[dict] = []
-  n = 0
-  for batch in it:
-    # Global arrays span every process's devices: gather them (a no-op on one host).
-    chips = multihost_utils.process_allgather(batch['chips'], tiled=True)
-    parts.append(chips)
-    n += next(iter(chips.values()))['image'].shape[0]
-    if n >= config.eval.max_chips:
-      break
+                  sharding=None) -> dict[str, dict[str, np.ndarray]]:
+  """The held-out chips on the host, {instrument: arrays}: each chip of the split once.
+
+  The first min(N, `config.eval.max_chips`) chips of the N in `config.data.eval_split`,
+  in record order (`pipeline.make_eval_iterator`): the same chips on every process and
+  on every call with the same config. With a single chip retrieval is undefined, so
+  a warning says so and `figures` reports it as nan.
+
+  `sharding` is not used (kept for callers): every process reads the chips itself.
+  """
+  del sharding
+  data = config.data
+  parts = [b['chips'] for b in pipeline.make_eval_iterator(data, registry,
+                                                           max_chips=int(config.eval.max_chips))]
   if not parts:
-    raise ValueError('the evaluation split yielded no batch')
-  out = jax.tree.map(lambda *xs: np.concatenate(xs)[:config.eval.max_chips], *parts)
+    raise UserError(f'held-out evaluation: split {data.eval_split!r} has no chip')
+  out = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+  n = next(iter(out.values()))['image'].shape[0]
+  if n < 2 and jax.process_index() == 0:
+    print(f'WARNING: held-out evaluation: split {data.eval_split!r} has {n} chip; retrieval '
+          'needs at least 2 and is reported as nan (simulated data: raise '
+          'data.simulate.n_tiles or val_fraction)', file=sys.stderr, flush=True)
   return out
 
 
@@ -115,9 +115,12 @@ def figures(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
   """Retrieval and rank figures of (N, D) query and gallery embeddings (row i = chip i)."""
   z = jnp.asarray(np.concatenate([q, g]))
   n = q.shape[0]
+  # One chip: its own gallery row is the only candidate, a "hit" that measures nothing.
+  top1, top5 = ((retrieval_top_k(q, g, 1), retrieval_top_k(q, g, 5)) if n >= 2
+                else (float('nan'), float('nan')))
   return {
-      'retrieval_top1': retrieval_top_k(q, g, 1),
-      'retrieval_top5': retrieval_top_k(q, g, 5),
+      'retrieval_top1': top1,
+      'retrieval_top5': top5,
       'chance_top1': 1.0 / n,
       'n_chips': float(n),
       'rankme': float(vicreg.rankme(z)),
@@ -127,8 +130,14 @@ def figures(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
 
 
 def collapse_warning(figures: dict[str, float], fraction: float) -> str | None:
-  """A warning line when the effective rank is below `fraction` of D, else None."""
-  if figures['rankme'] < fraction * figures['embed_dim']:
+  """A warning line when the effective rank is below `fraction` of its maximum, else None.
+
+  The maximum is D, or 2N when the N chips' 2N embeddings (query and gallery) are
+  fewer: a healthy encoder on 2 chips has RankMe <= 4, which is no sign of collapse.
+  """
+  d, rows = figures['embed_dim'], 2 * figures['n_chips']
+  top, name = (d, 'D') if d <= rows else (rows, '2N')
+  if figures['rankme'] < fraction * top:
     return (f'WARNING: possible representation collapse: RankMe {figures["rankme"]:.1f} < '
-            f'{fraction:g} x D = {fraction * figures["embed_dim"]:.1f} on held-out chips')
+            f'{fraction:g} x {name} = {fraction * top:.1f} on held-out chips')
   return None
