@@ -10,7 +10,7 @@ set -euo pipefail
 W=${1:-runs/quickstart}
 shift || true
 FIELD=quickstart
-# 96 tiles: ~250 training chips and 128 held-out chips (chance top-1 1/128, resolved in
+# 96 tiles: ~250 training chips and 132 held-out chips (chance top-1 1/132, resolved in
 # steps of 0.008 instead of the 0.031 of 32 chips).
 N_TILES=96
 mkdir -p "$W"
