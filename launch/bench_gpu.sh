@@ -13,23 +13,16 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 
 BUDGET=${BUDGET:-100000}  # seconds: later runs are skipped once this much has passed
-step() {  # step NAME ARGS...: one harness run, its own process and timeout
-  local name=$1; shift
+harness() {  # harness COMMAND NAME ARGS...: one `bench COMMAND` run, own process and timeout
+  local command=$1 name=$2; shift 2
   if (( SECONDS > BUDGET )); then echo "=== $name: skipped (budget ${BUDGET} s spent)"; return; fi
   echo "=== $name: $*"
-  timeout "$T" "$PY" -m jaisp_jax.bench step "$@" --out "$OUT_DIR/$name.json" \
-    > "$OUT_DIR/$name.log" 2>&1
-  echo "rc=$?"; grep -v '^[WI][0-9]\{4\}\|^WARNING: All log' "$OUT_DIR/$name.log" | tail -n 12
-}
-
-ab() {  # ab NAME ARGS...: variants interleaved in one process (bench ab), own timeout
-  local name=$1; shift
-  if (( SECONDS > BUDGET )); then echo "=== $name: skipped (budget ${BUDGET} s spent)"; return; fi
-  echo "=== $name: $*"
-  timeout "$T" "$PY" -m jaisp_jax.bench ab "$@" --out "$OUT_DIR/$name.json" \
+  timeout "$T" "$PY" -m jaisp_jax.bench "$command" "$@" --out "$OUT_DIR/$name.json" \
     > "$OUT_DIR/$name.log" 2>&1
   echo "rc=$?"; grep -v '^[WI][0-9]\{4\}\|^WARNING: All log' "$OUT_DIR/$name.log" | tail -n 16
 }
+step() { harness step "$@"; }  # step NAME ARGS...
+ab() { harness ab "$@"; }      # ab NAME ARGS...: variants interleaved in one process
 
 "$PY" - <<'PY' 2>&1 | tee "$OUT_DIR/env.log"
 import importlib, jax
