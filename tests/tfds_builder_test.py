@@ -272,3 +272,21 @@ def test_bad_name_is_refused_before_simulating(tmp_path, capsys, name):
                             '--no-progress'], capsys)
   assert status == 2 and len(err) == 1 and '--name' in err[0], err
   assert not data_dir.exists()
+
+
+def test_an_interrupted_build_leaves_no_empty_data_dir_it_created(tmp_path, capsys,
+                                                                   monkeypatch):
+  # Ctrl-C while simulating (after the data dir was created for the scratch field).
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(tfds_builder, 'simulate_field', interrupted)
+  data_dir = tmp_path / 'new' / 'deeper'
+  status, _ = _run_build(['--simulate', '1', '--size', '32', '--data-dir', str(data_dir),
+                          '--chip-px', str(CHIP), '--no-progress'], capsys)
+  assert status == 130
+  assert not (tmp_path / 'new').exists()
+  kept = tmp_path / 'kept'  # a --data-dir that existed before is kept
+  kept.mkdir()
+  status, _ = _run_build(['--simulate', '1', '--size', '32', '--data-dir', str(kept),
+                          '--chip-px', str(CHIP), '--no-progress'], capsys)
+  assert status == 130 and kept.is_dir() and not list(kept.iterdir())

@@ -132,6 +132,19 @@ def _build_simulated(args, registry, options) -> tfds_builder.BuildReport:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _missing_folders(path: str) -> list[str]:
+  """The folders of `path` that do not exist yet, deepest first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   registry = check_lib._load_registry(args.bands)  # pylint: disable=protected-access
@@ -139,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.simulate:
     _check_simulate_flags(args, options)
   _check_output(args)
+  created = _missing_folders(args.data_dir)
+  done = False
   try:
     if args.simulate:
       report = _build_simulated(args, registry, options)
@@ -149,11 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           overwrite=args.overwrite, progress=not args.no_progress,
           source='folders ' + ' '.join(f'{k}={v}' for k, v in dirs.items()),
           log=lambda s: print(s, file=sys.stderr))
+    done = True
   except tfds_builder.BuildError as e:
     for line in e.lines:
       print(line, file=sys.stderr)
     print(f'build: {e}', file=sys.stderr)
     return cli.EXIT_INVALID_INPUT
+  finally:
+    if not done:  # a failed or interrupted build leaves no empty --data-dir it created
+      for folder in created:
+        try:
+          os.rmdir(folder)  # only if empty: a scratch or other content stays
+        except OSError:
+          break
   for line in report.lines():
     print(line)
   for line in report.problems:
