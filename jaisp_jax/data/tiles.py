@@ -457,7 +457,6 @@ def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dty
   bad_image = ~np.isfinite(image)                      # (C, H, W)
   # rms below ~1e-19 is positive but its weight 1/rms^2 overflows float32 (inf): such a
   # pixel would dominate (or poison) every weighted sum, so it is masked like rms <= 0.
-  rms_tiny = np.isfinite(rms) & (rms > 0) & (rms < _RMS_MIN)
   rms_ok = np.isfinite(rms) & (rms >= _RMS_MIN)        # (C, H, W)
   valid = ~bad_image & rms_ok
   n_bad_image = bad_image.sum(axis=(1, 2))
@@ -477,7 +476,8 @@ def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dty
         band_rms = rms_in[c]
         kinds = {'zero': int((band_rms == 0).sum()), 'negative': int((band_rms < 0).sum()),
                  'NaN/Inf': int((~np.isfinite(band_rms)).sum()),
-                 f'below {_RMS_MIN:g} (1/rms^2 overflows)': int(rms_tiny[c].sum())}
+                 f'below {_RMS_MIN:g} (1/rms^2 overflows)':
+                     int(((band_rms > 0) & (band_rms < _RMS_MIN)).sum())}
         detail = ', '.join(f'{v} {k}' for k, v in kinds.items() if v)
         warns.append(f'{name}: {n_bad_rms[c]} rms pixel(s) masked ({detail}; '
                      f'{n_bad_rms[c] / n_pix:.2%} of the band)')
