@@ -1,5 +1,7 @@
 """Held-out evaluation of the train loop: which chips it uses, what a collapsed encoder scores."""
 
+import copy
+
 import jax
 import ml_collections
 import numpy as np
@@ -100,3 +102,42 @@ def test_collapse_warning_is_relative_to_the_rank_the_chips_allow():
   assert online_eval.collapse_warning({**base, 'n_chips': 1.0, 'rankme': 2.0}, 0.1) is None
   # ... unless even those 2 are one direction.
   assert '2N' in online_eval.collapse_warning({**base, 'n_chips': 1.0, 'rankme': 1.0}, 0.6)
+
+
+def test_chips_whose_query_or_gallery_band_is_masked_are_left_out(capsys):
+  c = _config(16, **MANY)
+  records = pipeline.simulated_source(c.data, 'validation', REG)
+  n = len(records)
+  full = online_eval.collect_chips(c, REG, SHARDING)
+  assert full['rubin']['image'].shape[0] == n
+  assert 'left out' not in capsys.readouterr().err
+  # Chip 0: Euclid VIS (the gallery band) flagged invalid; chip 1: Rubin r (the query
+  # band) with 3/4 of its pixels masked (rms 0), still flagged valid; chip 2: another
+  # band (Euclid Y) masked, which does not matter for r -> VIS retrieval.
+  damaged = copy.deepcopy(records)
+  vis, r, y = REG['euclid_vis'], REG['rubin_r'], REG['euclid_y']
+  damaged[0]['instruments']['euclid']['band_valid'][vis.index] = False
+  rms = damaged[1]['instruments']['rubin']['rms']
+  rms[r.index, : 3 * rms.shape[1] // 4] = 0.0
+  damaged[2]['instruments']['euclid']['band_valid'][y.index] = False
+  chips = online_eval.collect_chips(c, REG, SHARDING, source=damaged)
+  assert 'note: held-out evaluation: 2 chip(s)' in capsys.readouterr().err
+  # The chips kept are chips 2.. of the undamaged split, in order (chip 2 with its Y flag).
+  same = lambda a, b, k: [np.testing.assert_array_equal(a[i][f], b[i][f][k])
+                          for i in ('rubin', 'euclid') for f in ('image', 'rms')]
+  same(chips, full, slice(2, None))
+  assert not chips['euclid']['band_valid'][0, y.index]
+  res = online_eval.evaluate(_stats_embed, chips, c, REG)
+  assert res['n_chips'] == n - 2 and res['chance_top1'] == pytest.approx(1 / (n - 2))
+  # max_chips counts usable chips: the first two usable ones are chips 2 and 3.
+  c.eval.max_chips = 2
+  first = online_eval.collect_chips(c, REG, SHARDING, source=damaged)
+  same(first, full, slice(2, 4))
+  # No chip with both bands usable: a user error naming the bands, not a nan figure.
+  for rec in damaged:
+    rec['instruments']['euclid']['band_valid'][vis.index] = False
+  with pytest.raises(online_eval.UserError, match='no chip with both rubin_r and euclid_vis'):
+    online_eval.collect_chips(c, REG, SHARDING, source=damaged)
+  c.eval.gallery_band = 'euclid_k'
+  with pytest.raises(online_eval.UserError, match="'euclid_k' is not in the band registry"):
+    online_eval.collect_chips(c, REG, SHARDING)

@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_chips', type=int, default=256, help='held-out chips to embed')
   parser.add_argument('--out', default=None, help='also write the figures to this JSON file')
   args = parser.parse_args(argv)
+  if args.max_chips < 2:
+    parser.error(f'--max_chips must be at least 2 (retrieval needs two chips), got {args.max_chips}')
   if not os.path.isdir(args.export_dir):
     raise cli.UserError(f'{args.export_dir}: no such export folder')
   fig = held_out_figures(args.export_dir, args.data_dir, args.name, args.max_chips)

@@ -9,7 +9,8 @@ measures two things that a collapsed or untrained encoder cannot fake:
                   `eval.gallery_band` (Euclid VIS) embedding among all held-out chips
                   (cosine similarity). Chance is 1 / N, N the number of distinct
                   held-out chips (each chip of the split is used once, at most
-                  `eval.max_chips` of them); with N < 2 retrieval is nan.
+                  `eval.max_chips` of them, leaving out chips whose query or
+                  gallery band is masked); with N < 2 retrieval is nan.
   rankme          effective rank of the embeddings (RankMe, Garrido et al. 2023:
                   exp of the entropy of the normalised singular values), out of D.
   effective_dim   participation ratio of the embedding covariance, (sum l)^2 / sum l^2.
@@ -36,29 +37,80 @@ from jaisp_jax.models import jaisp
 from jaisp_jax.objectives import vicreg
 
 
+# A band counts as usable in a chip when at least this fraction of its pixels is valid
+# (as the training pairs require by default: `augment.band_validity`).
+MIN_VALID_FRACTION = 0.5
+
+
+def usable(chips: dict[str, dict[str, np.ndarray]], band: str,
+           registry: bands_lib.BandRegistry) -> np.ndarray:
+  """(N,) bool: `band` is flagged valid and at least half of its pixels are valid."""
+  b = registry[band]
+  if b.instrument not in chips:
+    raise UserError(f'held-out evaluation: band {band!r} is a {b.instrument} band, but the '
+                    f'held-out chips have no {b.instrument} images (they have '
+                    f'{", ".join(sorted(chips))}); set eval.query_band / eval.gallery_band')
+  part = chips[b.instrument]
+  mask = np.asarray(part['mask'][:, b.index], bool)
+  ok = mask.reshape(len(mask), -1).mean(axis=1) >= MIN_VALID_FRACTION
+  if 'band_valid' in part:
+    ok &= np.asarray(part['band_valid'][:, b.index], bool)
+  return ok
+
+
 def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandRegistry,
-                  sharding=None) -> dict[str, dict[str, np.ndarray]]:
+                  sharding=None, *, source=None) -> dict[str, dict[str, np.ndarray]]:
   """The held-out chips on the host, {instrument: arrays}: each chip of the split once.
 
-  The first min(N, `config.eval.max_chips`) chips of the N in `config.data.eval_split`,
-  in record order (`pipeline.make_eval_iterator`): the same chips on every process and
-  on every call with the same config. With a single chip retrieval is undefined, so
-  a warning says so and `figures` reports it as nan.
+  The first min(N, `config.eval.max_chips`) chips, in record order
+  (`pipeline.make_eval_iterator`), of the N chips of `config.data.eval_split` in which
+  both `eval.query_band` and `eval.gallery_band` are usable (flagged valid, at least
+  half of the pixels valid): a chip whose query or gallery band is masked carries no
+  signal to retrieve, and counting it would make retrieval measure the masking. The
+  chips left out are counted in a note. The same chips on every process and on every
+  call with the same config. With a single chip retrieval is undefined, so a warning
+  says so and `figures` reports it as nan; with none, a UserError.
 
   `sharding` is not used (kept for callers): every process reads the chips itself.
+  `source` replaces the split's records (`pipeline.open_source`), for tests.
   """
   del sharding
-  data = config.data
-  parts = [b['chips'] for b in pipeline.make_eval_iterator(data, registry,
-                                                           max_chips=int(config.eval.max_chips))]
+  data, max_chips = config.data, int(config.eval.max_chips)
+  if max_chips < 1:
+    raise UserError(f'eval.max_chips must be at least 1, got {max_chips}')
+  bands = (config.eval.query_band, config.eval.gallery_band)
+  for band in bands:
+    if band not in registry:
+      raise UserError(f'held-out evaluation: eval band {band!r} is not in the band registry '
+                      f'({", ".join(b.name for b in registry)})')
+  parts, kept, skipped, seen = [], 0, 0, 0
+  for batch in pipeline.make_eval_iterator(data, registry, source=source):
+    chips = batch['chips']
+    seen += len(batch['index'])
+    ok = np.flatnonzero(usable(chips, bands[0], registry) & usable(chips, bands[1], registry))
+    take = ok[:max_chips - kept]
+    # Chips read and left out, up to the last one taken when this batch completes the set.
+    skipped += (take[-1] + 1 if kept + len(take) >= max_chips else len(batch['index'])) - len(take)
+    kept += len(take)
+    if len(take):
+      parts.append(jax.tree.map(lambda a, t=take: a[t], chips))
+    if kept >= max_chips:
+      break
   if not parts:
-    raise UserError(f'held-out evaluation: split {data.eval_split!r} has no chip')
+    raise UserError(f'held-out evaluation: split {data.eval_split!r} has no chip with both '
+                    f'{bands[0]} and {bands[1]} usable (of {seen} chips read); choose '
+                    'eval.query_band / eval.gallery_band present in the data')
   out = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   n = next(iter(out.values()))['image'].shape[0]
-  if n < 2 and jax.process_index() == 0:
-    print(f'WARNING: held-out evaluation: split {data.eval_split!r} has {n} chip; retrieval '
-          'needs at least 2 and is reported as nan (simulated data: raise '
-          'data.simulate.n_tiles or val_fraction)', file=sys.stderr, flush=True)
+  if jax.process_index() == 0:
+    if skipped:
+      print(f'note: held-out evaluation: {skipped} chip(s) of split {data.eval_split!r} left '
+            f'out, {bands[0]} or {bands[1]} masked in them (under '
+            f'{MIN_VALID_FRACTION:.0%} valid pixels)', file=sys.stderr, flush=True)
+    if n < 2:
+      print(f'WARNING: held-out evaluation: split {data.eval_split!r} has {n} usable chip; '
+            'retrieval needs at least 2 and is reported as nan (simulated data: raise '
+            'data.simulate.n_tiles or val_fraction)', file=sys.stderr, flush=True)
   return out
 
 
