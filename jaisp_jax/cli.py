@@ -29,6 +29,24 @@ EXIT_INVALID_INPUT = 1   # the input was read and found bad (e.g. `check` found 
 EXIT_USAGE = 2           # the command could not run (missing folder, bad flag value)
 
 
+def check_output_folder(path: str | os.PathLike, flag: str) -> None:
+  """Raises UserError unless `path` is a folder or can be made one (checked before work).
+
+  Walks up to the nearest existing path, which must be a writable folder: a regular
+  file anywhere on the way would otherwise fail `os.makedirs` late, with a traceback.
+  """
+  path = os.fspath(path)
+  folder = os.path.abspath(path)
+  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    what = 'exists and is not a folder' if folder == os.path.abspath(path) else \
+        f'{folder} is not a folder'
+    raise UserError(f'{flag} {path}: {what}')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise UserError(f'{flag} {path}: {folder} is not writable')
+
+
 def run(main: Callable[[Sequence[str] | None], int | None],
         argv: Sequence[str] | None = None, prog: str = 'jaisp_jax') -> int:
   """Runs `main(argv)`, turning `UserError` into a one-line message and exit 2."""

@@ -26,7 +26,6 @@ from typing import Sequence
 
 from jaisp_jax import cli
 from jaisp_jax.data import check as check_lib
-from jaisp_jax.data import simulate as simulate_lib
 from jaisp_jax.data import tfds_builder
 
 # What `tfds.data_source(name, ...)` parses as a dataset name (tensorflow_datasets
@@ -104,7 +103,7 @@ def _check_output(args: argparse.Namespace) -> None:
   if not _NAME.fullmatch(args.name):
     raise cli.UserError(f'--name {args.name!r}: a dataset name is a letter followed by '
                         'letters, digits and _ (what tfds.data_source reads)')
-  simulate_lib.check_output_folder(args.data_dir, '--data-dir')
+  cli.check_output_folder(args.data_dir, '--data-dir')
   folder = pathlib.Path(args.data_dir) / args.name
   if os.path.lexists(folder) and not folder.is_dir():
     raise cli.UserError(f'{folder}: exists and is not a folder (the dataset goes there); '

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaisp_jax import bands as bands_lib
-from jaisp_jax.cli import UserError, run
+from jaisp_jax.cli import UserError, check_output_folder, run
 from jaisp_jax.data import observe, sky, truth
 
 
@@ -264,24 +264,6 @@ def field_metadata(field: str, seed: int, n_tiles: int, config: SimConfig,
 
 def preview_path(out_dir: str, field: str) -> str:
   return os.path.join(out_dir, f'preview_{field}.png')
-
-
-def check_output_folder(path: str | os.PathLike, flag: str) -> None:
-  """Raises UserError unless `path` is a folder or can be made one (checked before work).
-
-  Walks up to the nearest existing path, which must be a writable folder: a regular
-  file anywhere on the way would otherwise fail `os.makedirs` late, with a traceback.
-  """
-  path = os.fspath(path)
-  folder = os.path.abspath(path)
-  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-    folder = os.path.dirname(folder)
-  if not os.path.isdir(folder):
-    what = 'exists and is not a folder' if folder == os.path.abspath(path) else \
-        f'{folder} is not a folder'
-    raise UserError(f'{flag} {path}: {what}')
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise UserError(f'{flag} {path}: {folder} is not writable')
 
 
 def simulate_field(out_dir: str, field: str, n_tiles: int, seed: int,
