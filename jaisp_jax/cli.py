@@ -29,6 +29,27 @@ EXIT_INVALID_INPUT = 1   # the input was read and found bad (e.g. `check` found 
 EXIT_USAGE = 2           # the command could not run (missing folder, bad flag value)
 
 
+def read_json(path: str | os.PathLike, kind: type = dict):
+  """The JSON file at `path`, whose top level must be a `kind` (dict or list).
+
+  Raises UserError naming the file when it cannot be read, is not JSON, or holds
+  another kind of value at the top level.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except OSError as e:
+    raise UserError(f'{path}: cannot read it ({e.strerror or e})') from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f'{path}: cannot read it as JSON ({type(e).__name__}: {e})') from None
+  if not isinstance(value, kind):
+    raise UserError(f'{path}: expected a JSON {"object" if kind is dict else "array"} at '
+                    f'the top level, got {type(value).__name__}')
+  return value
+
+
 def check_output_folder(path: str | os.PathLike, flag: str) -> None:
   """Raises UserError unless `path` is a folder or can be made one (checked before work).
 

@@ -14,7 +14,6 @@ the band's stride (token size / pixel scale, e.g. 16 px for Rubin at 3.2").
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaisp_jax import bands as bands_lib
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import UserError, read_json
 from jaisp_jax.models import jaisp
 
 _FILES = ('params', 'config.json', 'bands.json', 'manifest.json')
@@ -91,21 +90,6 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_merge(config_lib.base_config().to_dict(), saved))
 
 
-def _read_json(export_dir: str, name: str, kind: type):
-  """The JSON file `name` of a bundle, whose top level must be a `kind`; UserError naming
-  the file otherwise."""
-  path = os.path.join(export_dir, name)
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f'{path}: cannot read it as JSON ({type(e).__name__}: {e})') from None
-  if not isinstance(value, kind):
-    raise UserError(f'{path}: expected a JSON {"object" if kind is dict else "array"} at '
-                    f'the top level, got {type(value).__name__}')
-  return value
-
-
 def load(export_dir: str) -> Representation:
   """Loads a bundle written by `--mode=export` (see jaisp_jax.train.export)."""
   export_dir = os.path.abspath(export_dir)
@@ -113,14 +97,14 @@ def load(export_dir: str) -> Representation:
   if missing:
     raise UserError(f'{export_dir}: not an exported jaisp-jax bundle (missing '
                     f'{", ".join(missing)})')
-  config = _with_defaults(_read_json(export_dir, 'config.json', dict))
-  bands = _read_json(export_dir, 'bands.json', list)
+  config = _with_defaults(read_json(os.path.join(export_dir, 'config.json')))
+  bands = read_json(os.path.join(export_dir, 'bands.json'), list)
   try:
     registry = bands_lib.BandRegistry.from_dicts(bands)
   except Exception as e:  # pylint: disable=broad-except  # malformed entries
     raise UserError(f'{export_dir}/bands.json: not a band registry ({type(e).__name__}: '
                     f'{e})') from None
-  manifest = _read_json(export_dir, 'manifest.json', dict)
+  manifest = read_json(os.path.join(export_dir, 'manifest.json'))
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(export_dir, 'params'))
   except Exception as e:  # pylint: disable=broad-except

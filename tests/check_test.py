@@ -148,6 +148,12 @@ def test_any_instruments_via_dir_and_bands_json(tmp_path, capsys):
   (tmp_path / 'bad.json').write_text('[{"name": "x"}]')
   status, _, err = run_check(capsys, '--rubin-dir', r, '--bands', tmp_path / 'bad.json')
   assert status == 2 and err.startswith(f'check: error: {tmp_path / "bad.json"}: invalid band')
+  for text, why in (('[{"name": ', 'cannot read it as JSON'), ('{"bands": []}', 'expected a JSON array')):
+    (tmp_path / 'bad.json').write_text(text)
+    status, _, err = run_check(capsys, '--rubin-dir', r, '--bands', tmp_path / 'bad.json')
+    assert status == 2 and err.startswith(f'check: error: {tmp_path / "bad.json"}: {why}'), err
+  status, _, err = run_check(capsys, '--rubin-dir', r, '--bands', tmp_path / 'none.json')
+  assert status == 2 and f'{tmp_path / "none.json"}: cannot read it' in err
 
 
 def test_streaming_median_rms_matches_numpy(tmp_path):

@@ -60,6 +60,10 @@ def test_main_writes_markdown(tmp_path):
   assert '\n\n| metric | chance | classical | x | y | best |' in text   # table after a blank line
   with pytest.raises(UserError, match='report.json'):
     compare.main([f'z={tmp_path / "nothing"}', '--out', str(out)])
+  # A damaged report is one user error naming the file, not a traceback.
+  (tmp_path / 'x' / 'eval' / 'report.json').write_text('{"rows": [')
+  with pytest.raises(UserError, match=r'x/eval/report.json: cannot read it as JSON'):
+    compare.main([f'x={tmp_path / "x"}', '--out', str(out)])
 
 
 def _dry(*args):

@@ -195,6 +195,12 @@ def test_no_checkpoint_is_a_user_error(tmp_path):
     suite.evaluate(tiny_config(), str(tmp_path), embedding_method='pca')
   with pytest.raises(UserError, match='no report'):
     suite.main([str(tmp_path)])
+  os.makedirs(tmp_path / 'eval')
+  for text, why in (('{"summ', 'cannot read it as JSON'), ('[1, 2]', 'expected a JSON object'),
+                    ('{"rows": []}', 'no "summary" list')):
+    (tmp_path / 'eval' / 'report.json').write_text(text)
+    with pytest.raises(UserError, match=why):
+      suite.main([str(tmp_path)])
 
 
 def test_probe_rows_follow_the_probes_schema():

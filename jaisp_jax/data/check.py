@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import pathlib
 import sys
 from typing import Mapping, Sequence
@@ -271,13 +270,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _load_registry(path: str | None) -> BandRegistry:
   if path is None:
     return default_registry()
+  entries = cli.read_json(path, list)
   try:
-    with open(path) as f:
-      entries = json.load(f)
     return BandRegistry.from_dicts(entries)
-  except OSError as e:
-    raise cli.UserError(f'{path}: cannot read band registry ({e.strerror})') from None
-  except (ValueError, TypeError, AttributeError) as e:
+  except (ValueError, TypeError, AttributeError, KeyError) as e:
     raise cli.UserError(f'{path}: invalid band registry ({e})') from None
 
 

@@ -19,7 +19,6 @@ from each workdir's latest checkpoint, and draws it (comparison.png beside --out
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -37,8 +36,7 @@ def read_reports(runs: Sequence[tuple[str, str]]) -> dict[str, dict]:
     path = os.path.join(workdir, 'eval', 'report.json')
     if not os.path.exists(path):
       raise cli.UserError(f'{path}: missing; run --mode=evaluate on {workdir} first')
-    with open(path) as f:
-      out[name] = json.load(f)
+    out[name] = cli.read_json(path)
   return out
 
 
@@ -115,8 +113,7 @@ def similarity_section(runs: Sequence[tuple[str, str]], out_png: str, max_chips:
   from jaisp_jax.evaluate import suite  # pylint: disable=import-outside-toplevel
   models, data, band = {}, None, None
   for name, workdir in runs:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(cli.read_json(os.path.join(workdir, 'config.json')))
     registry = bands_lib.BandRegistry.from_config(config.bands)
     _, params = suite.restore_ema_params(config, workdir)
     models[name] = inference.from_params(params, config, registry)

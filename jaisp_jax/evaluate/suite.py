@@ -36,7 +36,7 @@ import numpy as np
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax import inference
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import UserError, read_json
 from jaisp_jax.evaluate import diagnostics
 from jaisp_jax.evaluate import embeddings
 from jaisp_jax.evaluate import plots
@@ -565,8 +565,10 @@ def main(argv=None) -> int:
   path = os.path.join(argv[0], 'eval', 'report.json')
   if not os.path.exists(path):
     raise UserError(f'{path}: no report; run --mode=evaluate first')
-  with open(path) as f:
-    print('\n'.join(json.load(f)['summary']))
+  summary = read_json(path).get('summary')
+  if not isinstance(summary, list):
+    raise UserError(f'{path}: not an evaluation report (no "summary" list)')
+  print('\n'.join(map(str, summary)))
   return 0
 
 
