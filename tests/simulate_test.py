@@ -276,6 +276,28 @@ def test_tiles_are_distinct_patches_of_sky(small_fields):
       assert max(abs(d_ra), abs(d_dec)) > side_deg
 
 
+def test_damaged_truth_files_are_one_user_error_naming_the_file(small_fields, tmp_path):
+  from jaisp_jax.cli import UserError
+  src = pathlib.Path(small_fields[0])
+  for name in (truth.truth_path(src, 'small'), truth.tiles_path(src, 'small')):
+    (tmp_path / os.path.basename(name)).write_bytes(pathlib.Path(name).read_bytes())
+  assert len(truth.load_truth(str(tmp_path), 'small')[0]) > 0
+  cat, tiles = truth.truth_path(str(tmp_path), 'small'), truth.tiles_path(str(tmp_path), 'small')
+  good_tiles = pathlib.Path(tiles).read_text()
+  for path, text, why in ((tiles, good_tiles[:40], 'cannot read it as JSON'),
+                          (tiles, '{"size": 32}', 'not a tiles file'),
+                          (cat, '# %ECSV 1.0\n# ---\n# datatype: [oops\n', 'cannot read the truth')):
+    keep = pathlib.Path(path).read_text()
+    pathlib.Path(path).write_text(text)
+    with pytest.raises(UserError, match=why) as err:
+      truth.load_truth(str(tmp_path), 'small')
+    assert str(path) in str(err.value)
+    pathlib.Path(path).write_text(keep)
+  os.remove(cat)
+  with pytest.raises(UserError, match='cannot read the truth catalog'):
+    truth.load_truth(str(tmp_path), 'small')
+
+
 def test_band_positions_include_the_offsets(small_fields):
   table, tiles = truth.load_truth(small_fields[0], 'small')
   x, y = truth.band_positions(table, tiles, 'euclid_h')

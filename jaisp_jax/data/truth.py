@@ -166,11 +166,22 @@ def write_truth(out_dir: str, field: str, table, tiles: Mapping[str, Any]) -> tu
 
 
 def load_truth(out_dir: str, field: str):
-  """Reads a simulated field's truth: (astropy Table, tiles dict)."""
+  """Reads a simulated field's truth: (astropy Table, tiles dict).
+
+  Raises cli.UserError naming the file when either file is missing or unreadable.
+  """
   from astropy.table import Table
-  table = Table.read(truth_path(out_dir, field), format='ascii.ecsv')
-  with open(tiles_path(out_dir, field)) as f:
-    tiles = json.load(f)
+  from jaisp_jax import cli
+  path = truth_path(out_dir, field)
+  try:
+    table = Table.read(path, format='ascii.ecsv')
+  except Exception as e:  # pylint: disable=broad-except  # OSError, ECSV/YAML parse errors
+    first = str(e).splitlines()[0] if str(e) else ''
+    raise cli.UserError(f'{path}: cannot read the truth catalog ({type(e).__name__}: '
+                        f'{first})') from None
+  tiles = cli.read_json(tiles_path(out_dir, field))
+  if not isinstance(tiles.get('tiles'), dict):
+    raise cli.UserError(f'{tiles_path(out_dir, field)}: not a tiles file (no "tiles" object)')
   return table, tiles
 
 
