@@ -50,6 +50,19 @@ def read_json(path: str | os.PathLike, kind: type = dict):
   return value
 
 
+def missing_folders(path: str | os.PathLike) -> list[str]:
+  """The absolute paths of `path` and its parents that do not exist yet, deepest first.
+
+  A dangling symlink exists (it is taken, not missing).
+  """
+  missing = []
+  folder = os.path.abspath(os.fspath(path))
+  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  return missing
+
+
 def check_output_folder(path: str | os.PathLike, flag: str) -> None:
   """Raises UserError unless `path` is a folder or can be made one (checked before work).
 
@@ -57,9 +70,8 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> None:
   file anywhere on the way would otherwise fail `os.makedirs` late, with a traceback.
   """
   path = os.fspath(path)
-  folder = os.path.abspath(path)
-  while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-    folder = os.path.dirname(folder)
+  missing = missing_folders(path)
+  folder = os.path.dirname(missing[-1]) if missing else os.path.abspath(path)
   if not os.path.isdir(folder):
     what = 'exists and is not a folder' if folder == os.path.abspath(path) else \
         f'{folder} is not a folder'

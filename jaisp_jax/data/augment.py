@@ -53,8 +53,13 @@ def band_scales(image: np.ndarray, rms: np.ndarray) -> np.ndarray:
   return out
 
 
+# Default fraction of valid pixels for a band of a chip to count as usable (training pairs
+# and held-out retrieval alike).
+MIN_VALID_FRACTION = 0.5
+
+
 def band_validity(part: Mapping[str, np.ndarray],
-                  min_valid_fraction: float | None = 0.5) -> np.ndarray:
+                  min_valid_fraction: float | None = MIN_VALID_FRACTION) -> np.ndarray:
   """(n_bands,) bool: flagged valid and at least `min_valid_fraction` usable pixels.
 
   `min_valid_fraction=None` trusts the `band_valid` flags (records of the TFDS
@@ -69,7 +74,7 @@ def band_validity(part: Mapping[str, np.ndarray],
 
 
 def chip_band_valid(chip: Mapping, registry: bands_lib.BandRegistry,
-                    min_valid_fraction: float | None = 0.5) -> np.ndarray:
+                    min_valid_fraction: float | None = MIN_VALID_FRACTION) -> np.ndarray:
   """(len(registry),) bool over registry band ids; instruments absent = invalid."""
   out = np.zeros(len(registry), bool)
   for inst, part in chip.items():
@@ -223,7 +228,7 @@ def make_pair(chip: Mapping, registry: bands_lib.BandRegistry, band_a: int, band
 
 
 def make_chip_sample(chip: Mapping, registry: bands_lib.BandRegistry, geom: Geometry,
-                     min_valid_fraction: float | None = 0.5,
+                     min_valid_fraction: float | None = MIN_VALID_FRACTION,
                      valid: np.ndarray | None = None) -> dict:
   """One element of `batch['chips']`: every band of every instrument, normalised.
 

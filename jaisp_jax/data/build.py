@@ -131,19 +131,6 @@ def _build_simulated(args, registry, options) -> tfds_builder.BuildReport:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _missing_folders(path: str) -> list[str]:
-  """The folders of `path` that do not exist yet, deepest first."""
-  missing = []
-  path = os.path.abspath(path)
-  while not os.path.exists(path):
-    missing.append(path)
-    parent = os.path.dirname(path)
-    if parent == path:
-      break
-    path = parent
-  return missing
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
   registry = check_lib._load_registry(args.bands)  # pylint: disable=protected-access
@@ -151,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.simulate:
     _check_simulate_flags(args, options)
   _check_output(args)
-  created = _missing_folders(args.data_dir)
+  created = cli.missing_folders(args.data_dir)
   done = False
   try:
     if args.simulate:

@@ -179,9 +179,10 @@ def load_truth(out_dir: str, field: str):
     first = str(e).splitlines()[0] if str(e) else ''
     raise cli.UserError(f'{path}: cannot read the truth catalog ({type(e).__name__}: '
                         f'{first})') from None
-  tiles = cli.read_json(tiles_path(out_dir, field))
+  tpath = tiles_path(out_dir, field)
+  tiles = cli.read_json(tpath)
   if not isinstance(tiles.get('tiles'), dict):
-    raise cli.UserError(f'{tiles_path(out_dir, field)}: not a tiles file (no "tiles" object)')
+    raise cli.UserError(f'{tpath}: not a tiles file (no "tiles" object)')
   return table, tiles
 
 

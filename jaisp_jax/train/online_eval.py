@@ -32,19 +32,16 @@ import numpy as np
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax.cli import UserError
+from jaisp_jax.data import augment
 from jaisp_jax.data import pipeline
 from jaisp_jax.models import jaisp
 from jaisp_jax.objectives import vicreg
 
 
-# A band counts as usable in a chip when at least this fraction of its pixels is valid
-# (as the training pairs require by default: `augment.band_validity`).
-MIN_VALID_FRACTION = 0.5
-
-
 def usable(chips: dict[str, dict[str, np.ndarray]], band: str,
            registry: bands_lib.BandRegistry) -> np.ndarray:
-  """(N,) bool: `band` is flagged valid and at least half of its pixels are valid."""
+  """(N,) bool: `band` is flagged valid and at least `augment.MIN_VALID_FRACTION` of its
+  pixels are valid (the training pairs' default, `augment.band_validity`)."""
   b = registry[band]
   if b.instrument not in chips:
     raise UserError(f'held-out evaluation: band {band!r} is a {b.instrument} band, but the '
@@ -52,7 +49,7 @@ def usable(chips: dict[str, dict[str, np.ndarray]], band: str,
                     f'{", ".join(sorted(chips))}); set eval.query_band / eval.gallery_band')
   part = chips[b.instrument]
   mask = np.asarray(part['mask'][:, b.index], bool)
-  ok = mask.reshape(len(mask), -1).mean(axis=1) >= MIN_VALID_FRACTION
+  ok = mask.reshape(len(mask), -1).mean(axis=1) >= augment.MIN_VALID_FRACTION
   if 'band_valid' in part:
     ok &= np.asarray(part['band_valid'][:, b.index], bool)
   return ok
@@ -89,9 +86,11 @@ def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
     seen += len(batch['index'])
     ok = np.flatnonzero(usable(chips, bands[0], registry) & usable(chips, bands[1], registry))
     take = ok[:max_chips - kept]
-    # Chips read and left out, up to the last one taken when this batch completes the set.
-    skipped += (take[-1] + 1 if kept + len(take) >= max_chips else len(batch['index'])) - len(take)
     kept += len(take)
+    # Chips looked at in this batch: all of them, or up to the last one taken when the
+    # batch completes the set; those not taken were left out.
+    looked_at = take[-1] + 1 if kept >= max_chips else len(batch['index'])
+    skipped += looked_at - len(take)
     if len(take):
       parts.append(jax.tree.map(lambda a, t=take: a[t], chips))
     if kept >= max_chips:
@@ -106,7 +105,7 @@ def collect_chips(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
     if skipped:
       print(f'note: held-out evaluation: {skipped} chip(s) of split {data.eval_split!r} left '
             f'out, {bands[0]} or {bands[1]} masked in them (under '
-            f'{MIN_VALID_FRACTION:.0%} valid pixels)', file=sys.stderr, flush=True)
+            f'{augment.MIN_VALID_FRACTION:.0%} valid pixels)', file=sys.stderr, flush=True)
     if n < 2:
       print(f'WARNING: held-out evaluation: split {data.eval_split!r} has {n} usable chip; '
             'retrieval needs at least 2 and is reported as nan (simulated data: raise '
