@@ -120,6 +120,7 @@ for r in ${RUNS:-$ALL}; do
       --config.model.stem.kind=patch "${FLAGS_AB[@]}" ;;
     ab_vitb_flags) ab $r "${VITB[@]}" --config.data.pairs_per_batch=256 "${FLAGS_AB[@]}" ;;
     vitl_bf16_b256) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 --steps 10 --warmup 3 ;;
+    vitl_bf16_b512) step $r "${VITL[@]}" --config.data.pairs_per_batch=512 --steps 8 --warmup 3 ;;
     vitl_bf16_b256_patchstem) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 \
       --config.model.stem.kind=patch --steps 10 --warmup 3 ;;
     vitb_bf16_b256_patchstem_prof) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
