@@ -110,6 +110,18 @@ def test_malformed_xla_options_are_refused(spec):
     ab.parse_variant(f'x=--xla={spec}')
 
 
+def test_the_program_fingerprint_ignores_source_metadata_only():
+  def hlo(op, frame):
+    return ('HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}\n\n'
+            f'StackFrames\n1 {{file_location_id={frame} parent_frame_id=1}}\n\n'
+            '%fused (p: f32[4]) -> f32[4] {\n  %p = f32[4]{0} parameter(0)\n'
+            f'  ROOT %s = f32[4]{{0}} {op}(%p), metadata={{op_name="jit(f)/{op}" '
+            f'stack_frame_id={frame}}}\n}}\n')
+  # What a fresh compile and a read from the persistent cache differ in: stack frames.
+  assert ab.program_fingerprint(hlo('sine', 2)) == ab.program_fingerprint(hlo('sine', 7))
+  assert ab.program_fingerprint(hlo('sine', 2)) != ab.program_fingerprint(hlo('cosine', 2))
+
+
 def test_an_xla_option_reaches_its_variants_compile_alone_and_pipelined_rounds_time_it():
   # Clearing YNNPACK's fusion types changes the CPU program; the baseline keeps them.
   # A GPU option leaves the CPU program as it is: reported as the same program.
@@ -136,7 +148,8 @@ def test_an_xla_option_reaches_its_variants_compile_alone_and_pipelined_rounds_t
 
 
 def test_an_unknown_xla_option_is_a_user_error_naming_it():
-  variants = ab.parse_variants(['base=', 'bad=--xla=xla_no_such_option=1'])
+  # The bad variant first: its compile fails before anything else is compiled.
+  variants = ab.parse_variants(['bad=--xla=xla_no_such_option=1', 'base='])
   with pytest.raises(UserError, match='xla_no_such_option'):
     ab.run(SPEC, TINY, variants, quotas_arg='rubin-rubin=2', rounds=1, steps=1, warmup=0,
            mesh=scaling.make_mesh(1, 1), log=lambda m: None)

@@ -7,7 +7,8 @@ sources on unit noise) with the benchmark's quotas, `n_batches` distinct ones cy
 through, already on the devices (the input pipeline is timed separately: `pipeline`).
 
 Figures (`run_step` returns them; the CLI prints them and saves JSON):
-  compile: lower_s, compile_s (and init_s of the sharded state);
+  compile: lower_s, compile_s (and init_s of the sharded state); compilation_cache_dir
+    where JAX's persistent compilation cache is on (compile_s may then be a cache read);
   cost (from `compiled.cost_analysis()`, per device = per SPMD program):
     flops_per_step_device, bytes_per_step_device, flops_per_step (x devices); XLA
     counts a loop body once, so when the step loops (the CPU per-sample stem
@@ -139,6 +140,8 @@ class StepBench:
     t2 = time.perf_counter()
     self.lowered = lowered
     self.figures.update(lower_s=t1 - t0, compile_s=t2 - t1, **cost_figures(self.compiled))
+    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+      self.figures['compilation_cache_dir'] = jax.config.jax_compilation_cache_dir
     self.figures['flops_counted_on'] = 'XLA cost analysis of the executed program'
     platform = self.mesh.devices.flat[0].platform
     # Matmul FLOPs on the jaxpr (bench/flops.py), the same on every platform; loops
@@ -287,6 +290,9 @@ def run_step(config: ml_collections.ConfigDict, quotas: dict[str, int], *, steps
       f'({f["flops_counted_on"]}); '
       f'{f["bytes_per_step_device"] / 1e9:.1f} GB accessed (XLA); matmul FLOPs on the jaxpr '
       f'{f["matmul_flops_per_step_device"] / 1e9:.1f} GFLOP')
+  if f.get('compilation_cache_dir'):
+    log(f'note: JAX\'s persistent compilation cache is on ({f["compilation_cache_dir"]}): '
+        'the compile time may be a read from that cache')
   bench.init_state()
   t0 = time.perf_counter()
   warm = bench.run(warmup)
