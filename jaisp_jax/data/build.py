@@ -133,7 +133,7 @@ def _build_simulated(args, registry, options) -> tfds_builder.BuildReport:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
-  registry = check_lib._load_registry(args.bands)  # pylint: disable=protected-access
+  registry = check_lib.load_registry(args.bands)
   options = _options(args)
   if args.simulate:
     _check_simulate_flags(args, options)

@@ -267,7 +267,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _load_registry(path: str | None) -> BandRegistry:
+def load_registry(path: str | None) -> BandRegistry:
+  """The band registry of a `--bands` JSON file (a list of band entries), or the default
+  registry when `path` is None; a missing or invalid file is a UserError naming it."""
   if path is None:
     return default_registry()
   entries = cli.read_json(path, list)
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise cli.UserError(f'--max-warnings must be >= 0, got {args.max_warnings}')
   if args.sky_tolerance is not None and not args.sky_tolerance >= 0:  # NaN too
     raise cli.UserError(f'--sky-tolerance must be >= 0 arcsec, got {args.sky_tolerance}')
-  registry = _load_registry(args.bands)
+  registry = load_registry(args.bands)
   report = validate_folders(
       _folders(args), registry, allow_unpaired=args.allow_unpaired,
       size_tolerance=args.size_tolerance, sky_tolerance_arcsec=args.sky_tolerance,
