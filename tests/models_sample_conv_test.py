@@ -292,3 +292,71 @@ def test_pallas_kernel_grad_layouts_and_row_splits_agree_with_the_reference(monk
   want = jax.grad(lambda b: jnp.sum(_reference_conv(x, b) * dz))(k)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-3)
   assert float(jnp.abs(want).max()) > 1.0
+
+
+def _primitives_outside_pallas_calls(jaxpr):
+  """Names of the primitives of `jaxpr` and its sub-jaxprs (jit, cond branches of
+  `platform_dependent`), not descending into the pallas_calls' kernels."""
+  names = []
+  def walk(j):
+    j = getattr(j, 'jaxpr', j)
+    for eqn in j.eqns:
+      names.append(eqn.primitive.name)
+      if eqn.primitive.name == 'pallas_call':
+        continue
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+          if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+            walk(sub)
+  walk(jaxpr)
+  return names
+
+
+def test_pallas_kernels_read_the_unpadded_input_without_a_padding_pass():
+  # The kernels read the unpadded input and zero the out-of-image taps themselves: no
+  # pad op before the forward, input-gradient or kernel-gradient call, neither in the
+  # program lowered for CUDA (Triton) nor around the interpreted calls.
+  x, k = _pallas_inputs(dtype=jnp.bfloat16)
+  cuda = _lowered_text('pallas', 'cuda', x, k)
+  assert cuda.count('__gpu$xla.gpu.triton') >= 3
+  assert 'stablehlo.pad' not in cuda
+  from jaisp_jax.models import pallas_conv
+  dz = jnp.zeros(x.shape[:3] + (k.shape[-1],), x.dtype)
+  for fn, args in ((pallas_conv.conv3x3, (x, k)), (pallas_conv.input_grad, (k, dz)),
+                   (pallas_conv.kernel_grad, (x, dz))):
+    names = _primitives_outside_pallas_calls(jax.make_jaxpr(fn)(*args))
+    assert 'pallas_call' in names and 'pad' not in names, (fn.__name__, names)
+
+
+@pytest.mark.parametrize('shape', [(2, 32, 32, 16, 16), (2, 8, 512, 16, 32)])
+@pytest.mark.parametrize('pad_free', [True, False])  # False: the padded form kept for A/B
+def test_pallas_form_at_the_image_borders_matches_im2col(shape, pad_free, monkeypatch):
+  from jaisp_jax.models import pallas_conv  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pallas_conv, '_PAD_FREE', pad_free)
+  # Inputs and output gradients nonzero only on the border rows and columns, so every
+  # value depends on the taps that fall outside the image. Tiles: 4 of 8 full rows
+  # (32 x 32), 8 x 2 of one row of 256 px (8 x 512): tiles at the top, bottom, left and
+  # right of the image.
+  g, hgt, wid, ci, co = shape
+  x, k = _pallas_inputs(*shape)
+  r = np.random.default_rng(12)
+  border = np.zeros((1, hgt, wid, 1), np.float32)
+  border[:, [0, -1], :] = border[:, :, [0, -1]] = 1
+  x = x * border
+  ct = jnp.asarray(r.normal(size=(g, hgt, wid, co)) * border, jnp.float32)
+  ct = ct.at[1].set(jnp.asarray(r.normal(size=(hgt, wid, co)), jnp.float32))  # dense dz
+  loss = lambda conv: (lambda a, b: jnp.sum(conv(a, b) * ct))
+  def pallas_form(a, b):
+    with sample_conv.implementation('pallas'):
+      return sample_conv.conv3x3(a, b)
+  assert str(jax.make_jaxpr(jax.grad(loss(pallas_form), (0, 1)))(x, k)).count(
+      'pallas_call') >= 3
+  y = jax.jit(pallas_form)(x, k)
+  g_got = jax.jit(jax.grad(loss(pallas_form), (0, 1)))(x, k)
+  want = jax.jit(sample_conv.conv3x3_im2col)(x, k)
+  g_want = jax.jit(jax.grad(loss(sample_conv.conv3x3_im2col), (0, 1)))(x, k)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  for name, got, ref in zip(('x', 'kernel'), g_got, g_want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4, err_msg=name)
+    assert float(jnp.abs(ref).max()) > 1.0, name
+  assert float(jnp.abs(want[:, 1:-1, 1:-1]).max()) > 0  # the taps reach inside, too

@@ -5,9 +5,18 @@ XLA:GPU runs that as im2col: a (G, H, W, 9 Ci) column buffer and a batched matmu
 an H200 the column writes alone took 48 ms of a 169 ms ViT-B step (9.85 GB each for the
 Euclid stems' second layer, written at 0.3-0.55 TB/s; docs/performance.md, session 5).
 These kernels compute the convolution without the buffer: each program loads a tile of
-`th` x `tw` pixels of one sample for each of the 9 taps (shifted windows of the padded
-input, read from global memory / L2 with the neighbouring taps' overlap) and
+`th` x `tw` pixels of one sample for each of the 9 taps (shifted windows of the input,
+read from global memory / L2 with the neighbouring taps' overlap) and
 accumulates (th*tw, Ci) x (Ci, Co) dots in float32 registers.
+
+The kernels read the unpadded input and zero the taps outside the image themselves
+(`_window`: clamped row / column index arrays and a select), so no `jnp.pad` pass comes
+before them (the padded copies were separate XLA passes in the ViT-B step's profile,
+~3 ms on an H100). Measured on an H200 (session 12, the check in launch/bench_gpu.sh,
+3 interleaved rounds): forward + both gradients at 64 x 256 x 256 x 32 -> 64 in bf16
+take 4.26 ms against 4.25 ms for the padded form (`_PAD_FREE = False`, kept for that
+A/B) and 6.77 ms for im2col: the selects cost what the padding passes did. The pad-free
+form stays the default for the memory it saves (no padded copy of each input).
 
 * `conv3x3(x, kernel)`: 'SAME' convolution, (G, H, W, Ci) x (G, 3, 3, Ci, Co) ->
   (G, H, W, Co). Also the input gradient: the same convolution of the output gradient
@@ -49,6 +58,10 @@ _NUM_WARPS = 4            # Triton launch of `conv3x3` (forward and input gradie
 _NUM_STAGES = 2
 _KGRAD_NUM_WARPS = 4      # and of `kernel_grad`
 _KGRAD_NUM_STAGES = 2
+# The kernels read the unpadded input and zero the outside taps (`_window`); False: the
+# former form, a `jnp.pad`-ded copy read with plain slices (kept for A/B timing on a GPU:
+# launch/bench_gpu.sh's pallas check times both in one process).
+_PAD_FREE = True
 
 
 def _pow2(n: int) -> bool:
@@ -94,14 +107,48 @@ def _pad(x):
   return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def _conv_kernel(xp_ref, k_ref, o_ref, *, th, tw):
+def _window(x_ref, r, c, th, tw, *, rows_inside=False, cols_inside=False, padded=False):
+  """(th * tw, Ci): pixels [r, r + th) x [c, c + tw) of the unpadded (H, W, Ci) block
+  `x_ref`, zero where a row or column falls outside the image ('SAME' padding without
+  a padded copy). `rows_inside` / `cols_inside`: known statically to be in range.
+
+  Out-of-range windows are read with integer index arrays, clamped into the image, and
+  the outside pixels are zeroed with `jnp.where` after the load. Not `pl.ds` with a start
+  of -1 or H - th + 1: Pallas's interpret mode reads those with `lax.dynamic_slice`,
+  which clamps the start and so shifts the whole window. Triton computes a pointer per
+  element either way (as for `pl.ds`); the clamped rows / columns are constant along the
+  contiguous channel axis, so its loads stay vectorized along Ci. `padded`: `x_ref` is
+  the input padded by one zero pixel on each side (`_PAD_FREE` False), read by slices."""
+  hgt, wid, ci = x_ref.shape
+  if padded:
+    return x_ref[pl.ds(r + 1, th), pl.ds(c + 1, tw), :].reshape(th * tw, ci)
+  if rows_inside and cols_inside:
+    return x_ref[pl.ds(r, th), pl.ds(c, tw), :].reshape(th * tw, ci)
+  rows = r + jax.lax.broadcasted_iota(jnp.int32, (th, 1, 1), 0)
+  cols = c + jax.lax.broadcasted_iota(jnp.int32, (1, tw, 1), 1)
+  chans = jax.lax.broadcasted_iota(jnp.int32, (1, 1, ci), 2)
+  valid = None
+  if not rows_inside:
+    valid = (rows >= 0) & (rows < hgt)
+    rows = jnp.minimum(jnp.maximum(rows, 0), hgt - 1)
+  if not cols_inside:
+    ok = (cols >= 0) & (cols < wid)
+    valid = ok if valid is None else valid & ok
+    cols = jnp.minimum(jnp.maximum(cols, 0), wid - 1)
+  xs = x_ref[rows, cols, chans]
+  xs = jnp.where(valid, xs, jnp.zeros((), xs.dtype))
+  return xs.reshape(th * tw, ci)
+
+
+def _conv_kernel(x_ref, k_ref, o_ref, *, th, tw, padded):
   r0 = pl.program_id(1) * th
   c0 = pl.program_id(2) * tw
-  ci, co = xp_ref.shape[-1], o_ref.shape[-1]
+  co = o_ref.shape[-1]
   acc = jnp.zeros((th * tw, co), jnp.float32)
   for dy in range(3):
     for dx in range(3):
-      xs = xp_ref[pl.ds(r0 + dy, th), pl.ds(c0 + dx, tw), :].reshape(th * tw, ci)
+      xs = _window(x_ref, r0 + dy - 1, c0 + dx - 1, th, tw,
+                   rows_inside=dy == 1, cols_inside=dx == 1, padded=padded)
       acc += jnp.dot(xs, k_ref[dy, dx], preferred_element_type=jnp.float32)
   o_ref[...] = acc.reshape(th, tw, co).astype(o_ref.dtype)
 
@@ -113,20 +160,22 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if kernel.shape != (g, 3, 3, ci, co) or not supported(x.shape, co):
     raise ValueError(f'pallas conv3x3: unsupported input {x.shape} / kernel {kernel.shape}')
   th, tw = _tile(hgt, wid)
+  p = 0 if _PAD_FREE else 2
   return _call(
-      functools.partial(_conv_kernel, th=th, tw=tw), _pad(x), kernel.astype(x.dtype),
+      functools.partial(_conv_kernel, th=th, tw=tw, padded=not _PAD_FREE),
+      x if _PAD_FREE else _pad(x), kernel.astype(x.dtype),
       out_shape=jax.ShapeDtypeStruct((g, hgt, wid, co), x.dtype),
       grid=(g, hgt // th, wid // tw),
-      in_specs=[pl.BlockSpec((None, hgt + 2, wid + 2, ci), lambda s, i, j: (s, 0, 0, 0)),
+      in_specs=[pl.BlockSpec((None, hgt + p, wid + p, ci), lambda s, i, j: (s, 0, 0, 0)),
                 pl.BlockSpec((None, 3, 3, ci, co), lambda s, i, j: (s, 0, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, th, tw, co), lambda s, i, j: (s, i, j, 0)),
       warps=_NUM_WARPS, stages=_NUM_STAGES, name='sample_conv3x3')
 
 
-def _kgrad_kernel(xp_ref, dz_ref, o_ref, *, th, tw, rows, co_major):
+def _kgrad_kernel(x_ref, dz_ref, o_ref, *, th, tw, rows, co_major, padded):
   dy = pl.program_id(1)
   r_base = pl.program_id(2) * rows
-  ci, co = xp_ref.shape[-1], dz_ref.shape[-1]
+  ci, co = x_ref.shape[-1], dz_ref.shape[-1]
   n_cols = dz_ref.shape[1] // tw
 
   def body(t, accs):
@@ -136,7 +185,8 @@ def _kgrad_kernel(xp_ref, dz_ref, o_ref, *, th, tw, rows, co_major):
     d = dz_ref[pl.ds(r, th), pl.ds(c, tw), :].reshape(th * tw, co)
     out = []
     for dx in range(3):
-      xs = xp_ref[pl.ds(r + dy, th), pl.ds(c + dx, tw), :].reshape(th * tw, ci)
+      xs = _window(x_ref, r + dy - 1, c + dx - 1, th, tw, cols_inside=dx == 1,
+                   padded=padded)
       a, b = (d, xs) if co_major else (xs, d)
       out.append(accs[dx] + jax.lax.dot_general(
           a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
@@ -159,12 +209,14 @@ def kernel_grad(x: jax.Array, dz: jax.Array) -> jax.Array:
   while (hgt // th) % split:  # the largest power of two up to _SPLIT that divides the rows
     split //= 2
   rows = hgt // split
+  p = 0 if _PAD_FREE else 2
   parts = _call(
-      functools.partial(_kgrad_kernel, th=th, tw=tw, rows=rows, co_major=_KGRAD_CO_MAJOR),
-      _pad(x), dz.astype(x.dtype),
+      functools.partial(_kgrad_kernel, th=th, tw=tw, rows=rows, co_major=_KGRAD_CO_MAJOR,
+                        padded=not _PAD_FREE),
+      x if _PAD_FREE else _pad(x), dz.astype(x.dtype),
       out_shape=jax.ShapeDtypeStruct((g, 3, split, 3, ci, co), jnp.float32),
       grid=(g, 3, split),
-      in_specs=[pl.BlockSpec((None, hgt + 2, wid + 2, ci), lambda s, a, b: (s, 0, 0, 0)),
+      in_specs=[pl.BlockSpec((None, hgt + p, wid + p, ci), lambda s, a, b: (s, 0, 0, 0)),
                 pl.BlockSpec((None, hgt, wid, co), lambda s, a, b: (s, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, None, None, 3, ci, co),
                              lambda s, a, b: (s, a, b, 0, 0, 0)),
