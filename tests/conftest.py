@@ -22,6 +22,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ and 'PYTEST_XDIST_WORKER' not i
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  # A size limit makes JAX read and write entries under a file lock (filelock, a dev
+  # dependency): without it one process could read an entry another is still writing
+  # (JAX would then warn and compile again).
+  import importlib.util  # noqa: E402
+  if importlib.util.find_spec('filelock'):
+    os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(16 << 30)
 
 import jax  # noqa: E402
 
