@@ -11,7 +11,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # JAX's persistent compilation cache, one fresh folder per pytest run shared by its xdist
 # workers (they inherit the controller's environment): the many tests that build the same
 # tiny model compile its programs once. With `--dist loadscope` (setup.cfg) the suite went
-# from 1075 s to 781 s on a 2-core Intel Xeon (session 12). Set
+# from 1075 s to 708-781 s on a 2-core Intel Xeon (session 12). Set
 # JAX_COMPILATION_CACHE_DIR yourself to keep a cache between runs, or to '' for none.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ and 'PYTEST_XDIST_WORKER' not in os.environ:
   import atexit  # noqa: E402
