@@ -297,18 +297,15 @@ def test_pallas_kernel_grad_layouts_and_row_splits_agree_with_the_reference(monk
 def _primitives_outside_pallas_calls(jaxpr):
   """Names of the primitives of `jaxpr` and its sub-jaxprs (jit, cond branches of
   `platform_dependent`), not descending into the pallas_calls' kernels."""
+  from jaisp_jax.bench import flops  # pylint: disable=import-outside-toplevel
   names = []
   def walk(j):
-    j = getattr(j, 'jaxpr', j)
     for eqn in j.eqns:
       names.append(eqn.primitive.name)
-      if eqn.primitive.name == 'pallas_call':
-        continue
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-          if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
-            walk(sub)
-  walk(jaxpr)
+      if eqn.primitive.name != 'pallas_call':
+        for sub in flops.sub_jaxprs(eqn.params):
+          walk(sub)
+  walk(jaxpr.jaxpr)
   return names
 
 

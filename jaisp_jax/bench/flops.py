@@ -64,7 +64,8 @@ def _conv_flops(eqn) -> float:
   return 2.0 * math.prod(out.shape) * taps * rhs.shape[rhs_spec[1]]
 
 
-def _sub_jaxprs(params: dict[str, Any]):
+def sub_jaxprs(params: dict[str, Any]):
+  """The jaxprs (open) among an equation's params: jit, cond branches, custom rules."""
   for v in params.values():
     items = v if isinstance(v, (list, tuple)) else (v,)
     for x in items:
@@ -94,7 +95,7 @@ def count_jaxpr(jaxpr) -> Count:
       total.add(count_jaxpr(eqn.params['cond_jaxpr']))
       total.while_loops += 1
     else:
-      for sub in _sub_jaxprs(eqn.params):
+      for sub in sub_jaxprs(eqn.params):
         total.add(count_jaxpr(sub))
   return total
 

@@ -103,8 +103,13 @@ def _call(kernel, *args, warps: int, stages: int, **kwargs):
   return jax.lax.platform_dependent(*args, cuda=triton, default=interpreted)
 
 
-def _pad(x):
-  return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+def _kernel_input(x):
+  """(x as the kernels read it, its full-sample block shape (H', W', Ci)): x itself, or
+  with `_PAD_FREE` False a copy padded by one zero pixel on each side."""
+  if _PAD_FREE:
+    return x, x.shape[1:]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return xp, xp.shape[1:]
 
 
 def _window(x_ref, r, c, th, tw, *, rows_inside=False, cols_inside=False, padded=False):
@@ -160,13 +165,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   if kernel.shape != (g, 3, 3, ci, co) or not supported(x.shape, co):
     raise ValueError(f'pallas conv3x3: unsupported input {x.shape} / kernel {kernel.shape}')
   th, tw = _tile(hgt, wid)
-  p = 0 if _PAD_FREE else 2
+  xin, block = _kernel_input(x)
   return _call(
       functools.partial(_conv_kernel, th=th, tw=tw, padded=not _PAD_FREE),
-      x if _PAD_FREE else _pad(x), kernel.astype(x.dtype),
+      xin, kernel.astype(x.dtype),
       out_shape=jax.ShapeDtypeStruct((g, hgt, wid, co), x.dtype),
       grid=(g, hgt // th, wid // tw),
-      in_specs=[pl.BlockSpec((None, hgt + p, wid + p, ci), lambda s, i, j: (s, 0, 0, 0)),
+      in_specs=[pl.BlockSpec((None, *block), lambda s, i, j: (s, 0, 0, 0)),
                 pl.BlockSpec((None, 3, 3, ci, co), lambda s, i, j: (s, 0, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, th, tw, co), lambda s, i, j: (s, i, j, 0)),
       warps=_NUM_WARPS, stages=_NUM_STAGES, name='sample_conv3x3')
@@ -209,14 +214,14 @@ def kernel_grad(x: jax.Array, dz: jax.Array) -> jax.Array:
   while (hgt // th) % split:  # the largest power of two up to _SPLIT that divides the rows
     split //= 2
   rows = hgt // split
-  p = 0 if _PAD_FREE else 2
+  xin, block = _kernel_input(x)
   parts = _call(
       functools.partial(_kgrad_kernel, th=th, tw=tw, rows=rows, co_major=_KGRAD_CO_MAJOR,
                         padded=not _PAD_FREE),
-      x if _PAD_FREE else _pad(x), dz.astype(x.dtype),
+      xin, dz.astype(x.dtype),
       out_shape=jax.ShapeDtypeStruct((g, 3, split, 3, ci, co), jnp.float32),
       grid=(g, 3, split),
-      in_specs=[pl.BlockSpec((None, hgt + p, wid + p, ci), lambda s, a, b: (s, 0, 0, 0)),
+      in_specs=[pl.BlockSpec((None, *block), lambda s, a, b: (s, 0, 0, 0)),
                 pl.BlockSpec((None, hgt, wid, co), lambda s, a, b: (s, 0, 0, 0))],
       out_specs=pl.BlockSpec((None, None, None, 3, ci, co),
                              lambda s, a, b: (s, a, b, 0, 0, 0)),
