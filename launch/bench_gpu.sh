@@ -134,6 +134,9 @@ for r in ${RUNS:-$ALL}; do
     ab_vitb_flags) ab $r "${VITB[@]}" --config.data.pairs_per_batch=256 "${FLAGS_AB[@]}" ;;
     vitl_bf16_b256) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 --steps 10 --warmup 3 ;;
     vitl_bf16_b512) step $r "${VITL[@]}" --config.data.pairs_per_batch=512 --steps 8 --warmup 3 ;;
+    # 768 pairs: ~115 GB by session 12's 41.9 / 77.1 GB at 256 / 512, so an H200 only.
+    # 256 -> 512 pairs took the pipelined MFU 39.2 -> 39.8% (fixed costs per step halved).
+    vitl_bf16_b768) step $r "${VITL[@]}" --config.data.pairs_per_batch=768 --steps 6 --warmup 3 ;;
     vitl_bf16_b256_patchstem) step $r "${VITL[@]}" --config.data.pairs_per_batch=256 \
       --config.model.stem.kind=patch --steps 10 --warmup 3 ;;
     vitb_bf16_b256_patchstem_prof) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
