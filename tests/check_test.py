@@ -1,6 +1,7 @@
 """`python -m jaisp_jax.data.check`: summary on good folders, one line per bad file."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -192,3 +193,22 @@ def test_negative_counts_and_tolerances_are_flag_errors(tmp_path, capsys, flag, 
   r, e = make_folders(tmp_path)
   status, out, err = run_check(capsys, '--rubin-dir', r, '--euclid-dir', e, flag, value)
   assert status == 2 and match in err
+
+
+def test_broken_link_and_non_utf8_name_are_each_one_line_naming_the_file(tmp_path):
+  r, e = make_folders(tmp_path)
+  link = r / 'tile_0000.npz'
+  link.unlink()
+  link.symlink_to(tmp_path / 'moved_away.npz')
+  for folder in (r, e):   # a name the dataset could not store as text
+    os.rename(bytes(folder / 'tile_0001.npz'), bytes(folder) + b'/tile_\xff.npz')
+  # In a subprocess: the real stderr, which must print such a name without failing.
+  proc = subprocess.run([sys.executable, '-m', 'jaisp_jax.data.check', '--rubin-dir', str(r),
+                         '--euclid-dir', str(e)], capture_output=True, text=True,
+                        errors='backslashreplace', timeout=120)
+  assert proc.returncode == cli.EXIT_INVALID_INPUT and 'Traceback' not in proc.stderr
+  lines = proc.stderr.splitlines()
+  assert lines[-1] == 'check: 3 bad file(s); 1 of 2 tile pair(s) usable'
+  assert sum(l.startswith(f'{link}: broken symbolic link') for l in lines) == 1
+  assert sum('tile_' in l and 'not valid UTF-8' in l for l in lines) == 2
+  assert not any('unpaired' in l for l in lines)

@@ -290,3 +290,44 @@ def test_an_interrupted_build_leaves_no_empty_data_dir_it_created(tmp_path, caps
   status, _ = _run_build(['--simulate', '1', '--size', '32', '--data-dir', str(kept),
                           '--chip-px', str(CHIP), '--no-progress'], capsys)
   assert status == 130 and kept.is_dir() and not list(kept.iterdir())
+
+
+def test_tiles_smaller_than_the_default_chip_build_with_chips_that_fit(tmp_path, capsys):
+  # Another simulator's 24 px tiles: without --chip-px the chip shrinks to fit them.
+  from jaisp_jax.data import pipeline
+  rng = np.random.default_rng(6)
+  dirs = _write_tiles(tmp_path / 'tiles', {f'tile_{i}': _random_tile(rng, size=24)
+                                           for i in range(2)})
+  argv = ['--rubin-dir', dirs['rubin'], '--euclid-dir', dirs['euclid'], '--no-progress']
+  status, err = _run_build(argv + ['--data-dir', str(tmp_path / 'd')], capsys)
+  assert status == 0 and any('using chips of 24 px' in l for l in err), err
+  assert tfds_builder.read_metadata(tmp_path / 'd', tfds_builder.DEFAULT_NAME)['chip_px'] == 24
+  records = (_read_split(tmp_path / 'd', tfds_builder.DEFAULT_NAME, 'train')
+             + _read_split(tmp_path / 'd', tfds_builder.DEFAULT_NAME, 'validation'))
+  assert len(records) == 2
+  assert records[0]['instruments']['euclid']['image'].shape == (4, 48, 48)
+  # The pipeline reads it with a crop that fits, and refuses one that does not, up front.
+  c = pipeline.default_data_config()
+  c.data_dir, c.name, c.pairs_per_batch, c.cache_mb = str(tmp_path / 'd'), \
+      tfds_builder.DEFAULT_NAME, 4, 0
+  with pytest.raises(UserError, match=r'chips are 4.8" on a side \(24 px\).*crop_arcsec'):
+    pipeline.make_dataset(c, REG, data_parallel=1)
+  c.crop_arcsec = 3.2
+  batch = next(iter(pipeline.make_dataset(c, REG, data_parallel=1)))
+  assert batch['pairs']
+  # An explicit chip bigger than every tile is an error that says what would fit.
+  status, err = _run_build(argv + ['--data-dir', str(tmp_path / 'd2'), '--chip-px', '32'],
+                           capsys)
+  assert status == 1 and 'at most 24 px (--chip-px)' in err[-1], err
+  assert not (tmp_path / 'd2').exists()
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_a_tile_too_small_for_a_chip_never_leaves_the_train_split_empty(tmp_path, seed):
+  rng = np.random.default_rng(7)
+  dirs = _write_tiles(tmp_path / 'tiles', {'tile_big': _random_tile(rng, size=CHIP),
+                                           'tile_small': _random_tile(rng, size=CHIP // 2)})
+  options = tfds_builder.ChipOptions(chip_px=CHIP, val_fraction=0.5, split_seed=seed)
+  plan = tfds_builder.plan_build(dirs, REG, options)
+  assert plan.report.n_chips == {'train': 1}
+  assert plan.report.tiles_too_small == ['tile_small']

@@ -1,5 +1,6 @@
 """Tile reading and validation: one test per bad-input case, plus FITS, WCS and pairing."""
 
+import os
 import pathlib
 import pickle
 
@@ -459,3 +460,28 @@ def test_an_unreadable_tile_path_is_a_tile_error(tmp_path):
   assert 'not a regular file' in read_problem(folder_like)
   with pytest.raises(TileError, match='cannot read the file'):
     tiles._load_npz(folder_like)
+
+
+def test_a_broken_link_named_like_a_tile_is_reported_itself_not_as_its_partner_unpaired(
+    tmp_path):
+  r, e = write_pair(tmp_path)
+  r.unlink()
+  r.symlink_to(tmp_path / 'gone.npz')
+  listing = tiles.find_tile_pairs({'rubin': r.parent, 'euclid': e.parent})
+  assert listing.problems == [] and [p.name for p in listing.pairs] == ['tile_0001']
+  assert 'broken symbolic link' in read_problem(r)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_problem_of_that_file(tmp_path):
+  # The dataset stores tile names as text: such a name used to crash the build.
+  r, e = write_pair(tmp_path)
+  write_pair(tmp_path, 'tile_0002')
+  bad = {}
+  for p in (r, e):
+    raw = bytes(p.parent) + b'/tile_\xff.npz'
+    os.rename(bytes(p), raw)
+    bad[p.parent] = pathlib.Path(os.fsdecode(raw))
+  listing = tiles.find_tile_pairs({'rubin': r.parent, 'euclid': e.parent})
+  assert [p.name for p in listing.pairs] == ['tile_0002']
+  assert sorted(p.path for p in listing.problems) == sorted(bad.values())
+  assert all('not valid UTF-8' in p.problem for p in listing.problems)

@@ -47,8 +47,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--name', default=tfds_builder.DEFAULT_NAME,
                  help=f'dataset name (default {tfds_builder.DEFAULT_NAME})')
   p.add_argument('--bands', metavar='JSON', help='band registry as a JSON list of band dicts')
-  p.add_argument('--chip-px', type=int, default=tfds_builder.ChipOptions.chip_px,
-                 help='chip side in pixels of the coarsest instrument (default %(default)s)')
+  p.add_argument('--chip-px', type=int, default=None,
+                 help='chip side in pixels of the coarsest instrument (default '
+                 f'{tfds_builder.ChipOptions.chip_px}, or the side of the biggest tile when '
+                 'every tile is smaller)')
   p.add_argument('--stride-px', type=int, default=0,
                  help='step between chips (default: the chip side, no overlap)')
   p.add_argument('--val-fraction', type=float, default=tfds_builder.ChipOptions.val_fraction,
@@ -70,7 +72,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _options(args: argparse.Namespace) -> tfds_builder.ChipOptions:
-  if args.chip_px < 1 or args.stride_px < 0:
+  chip_px = tfds_builder.ChipOptions.chip_px if args.chip_px is None else args.chip_px
+  if chip_px < 1 or args.stride_px < 0:
     raise cli.UserError('--chip-px must be >= 1 and --stride-px >= 0')
   if not 0.0 <= args.val_fraction < 1.0:
     raise cli.UserError(f'--val-fraction must be in [0, 1), got {args.val_fraction}')
@@ -79,7 +82,7 @@ def _options(args: argparse.Namespace) -> tfds_builder.ChipOptions:
   if args.split_seed < 0:   # numpy seeds are non-negative
     raise cli.UserError(f'--split-seed must be >= 0, got {args.split_seed}')
   return tfds_builder.ChipOptions(
-      chip_px=args.chip_px, stride_px=args.stride_px,
+      chip_px=chip_px, stride_px=args.stride_px,
       min_valid_fraction=args.min_valid_fraction, val_fraction=args.val_fraction,
       split_seed=args.split_seed)
 
@@ -147,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       dirs = check_lib._folders(args)  # pylint: disable=protected-access
       report = tfds_builder.build_dataset(
           dirs, args.data_dir, args.name, registry, options, skip_invalid=args.skip_invalid,
-          overwrite=args.overwrite, progress=not args.no_progress,
+          overwrite=args.overwrite, fit_chip=args.chip_px is None,
+          progress=not args.no_progress,
           source='folders ' + ' '.join(f'{k}={v}' for k, v in dirs.items()),
           log=lambda s: print(s, file=sys.stderr))
     done = True

@@ -110,6 +110,12 @@ def open_source(config: ml_collections.ConfigDict, split: str,
   from jaisp_jax.data import tfds_builder
   meta = tfds_builder.read_metadata(config.data_dir, config.name)
   check_registry(meta, registry, f'{config.data_dir}/{config.name}')
+  chip_arcsec = meta.get('chip_arcsec')
+  if chip_arcsec is not None and config.crop_arcsec > chip_arcsec + 1e-6:
+    # Caught here, once, rather than per element deep in a grain worker.
+    raise UserError(f'{config.data_dir}/{config.name}: its chips are {chip_arcsec:g}" on a side '
+                    f'({meta.get("chip_px")} px) but config.data.crop_arcsec is '
+                    f'{config.crop_arcsec:g}"; lower the crop or build bigger chips')
   try:
     return tfds.data_source(config.name, split=split, data_dir=config.data_dir,
                             download=False)

@@ -205,11 +205,13 @@ def assign_splits(regions: np.ndarray, n_chips: np.ndarray, val_fraction: float,
   """(n_tiles,) split name per tile ('train' or 'validation'), whole regions at once."""
   regions = np.asarray(regions)
   n_chips = np.asarray(n_chips)
-  ids = np.unique(regions)
   out = np.full(len(regions), 'train', dtype=object)
+  chips_of = {r: int(n_chips[regions == r].sum()) for r in np.unique(regions)}
+  # Only regions with chips count: leaving a chipless one "for training" would leave
+  # the train split empty (e.g. a tile smaller than one chip).
+  ids = np.array([r for r, n in chips_of.items() if n > 0])
   if val_fraction <= 0 or len(ids) < 2:
     return out
-  chips_of = {r: int(n_chips[regions == r].sum()) for r in ids}
   target = val_fraction * int(n_chips.sum())
   order = np.random.default_rng(seed).permutation(ids)
   taken = 0

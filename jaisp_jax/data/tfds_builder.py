@@ -340,27 +340,66 @@ def plan_build(dirs: Mapping[str, str | os.PathLike],
                registry: bands_lib.BandRegistry | None = None,
                options: ChipOptions = ChipOptions(), *, skip_invalid: bool = False,
                truth: TruthIndex | None = None, wcs: Mapping[str, object] | None = None,
-               progress: bool = False,
+               fit_chip: bool = False, progress: bool = False,
                log: Callable[[str], None] = lambda s: None) -> BuildPlan:
   """Pass 1: reads and validates every tile, groups them in sky regions, splits.
 
   Tiles are read and validated with tiles.py (the messages of `check`); any bad or
   unpaired tile fails with one line per bad file (`BuildError.lines`), unless
   `skip_invalid`, which skips them and counts them in the report. Only what the split
-  needs is kept (no pixels).
+  needs is kept (no pixels). With `fit_chip`, when every tile is smaller than
+  `options.chip_px`, the chip shrinks to the largest that fits in the biggest tile
+  (logged; `BuildPlan.options` holds the size used).
 
   Raises:
     BuildError / UserError: bad input or nothing usable.
   """
   registry = registry or bands_lib.default_registry()
-  report = BuildReport()
   listing = tiles_lib.find_tile_pairs(dirs, registry, allow_unpaired=skip_invalid)
   instruments = [i for i in registry.instruments if i in dirs]
+  report, good, skies, max_side = _validate_pairs(listing, registry, options, wcs, progress)
+  if report.problems and not skip_invalid:
+    raise BuildError(f'{len(report.problems)} invalid tile file(s); fix them or pass '
+                     '--skip-invalid to build without them', report.problems)
+  if fit_chip and good and sum(t.n_chips for t in skies) == 0 and max_side < options.chip_px:
+    # The default chip suits the reference simulator's tiles; smaller (valid) tiles of
+    # another source would otherwise build nothing. Tiles are read a second time.
+    log(f'note: every tile is smaller than a chip of {options.chip_px} px; using chips of '
+        f'{max_side} px (the side of the biggest tile)')
+    options = dataclasses.replace(options, chip_px=max_side)
+    report, good, skies, max_side = _validate_pairs(listing, registry, options, wcs, progress)
+  if sum(t.n_chips for t in skies) == 0:
+    why = ''
+    if good and len(report.tiles_too_small) == len(good):
+      why = (f': every tile is smaller than one chip (the biggest fits {max_side} px); '
+             f'pass a chip side of at most {max_side} px (--chip-px)')
+    raise BuildError(f'no usable chip of {options.chip_px} px in {len(good)} valid tile '
+                     f'pair(s) ({", ".join(str(d) for d in dirs.values())}){why}')
+  regions = split_lib.sky_regions(skies, options.min_overlap_px)
+  splits = split_lib.assign_splits(regions, np.array([t.n_chips for t in skies]),
+                                   options.val_fraction, options.split_seed)
+  plan = {s: [(good[i], int(regions[i]), skies[i].n_chips) for i in range(len(good))
+              if splits[i] == s and skies[i].n_chips] for s in SPLITS}
+  plan = {s: v for s, v in plan.items() if v}
+  for s, items in plan.items():
+    report.n_chips[s] = sum(n for _, _, n in items)
+    report.n_regions[s] = len({r for _, r, _ in items})
+  if 'validation' not in plan and options.val_fraction > 0:
+    log('note: a single sky region (all tiles overlap, or one tile): no validation split')
+  return BuildPlan(registry, options, instruments, plan, report, truth, wcs)
+
+
+def _validate_pairs(listing: tiles_lib.TileListing, registry: bands_lib.BandRegistry,
+                    options: ChipOptions, wcs: Mapping[str, object] | None, progress: bool):
+  """(report, good tile files, their skies, largest chip side any tile fits) of a listing;
+  `report.problems` holds one line per bad file."""
+  report = BuildReport()
   report.n_pairs = len(listing.pairs)
   report.skipped_unpaired = list(listing.skipped)
   problems = list(listing.problems)
   good: list[tiles_lib.TileFiles] = []
   skies: list[split_lib.TileSky] = []
+  max_side = 0
   for files in _progress(listing.pairs, len(listing.pairs), 'validating', progress):
     try:
       pair = _read_pair(files, registry, wcs)
@@ -377,35 +416,17 @@ def plan_build(dirs: Mapping[str, str | os.PathLike],
     report.n_warnings += sum(len(t.warnings) for t in pair.tiles.values())
     n, n_all = count_chips(pair, options)
     report.n_chips_dropped += n_all - n
+    ref = pair.tiles[pair.reference]
+    max_side = max(max_side, min(ref.shape))
     if n_all == 0:
       report.tiles_too_small.append(files.name)
-    ref = pair.tiles[pair.reference]
     skies.append(split_lib.tile_sky(files.name, n, ref.image, ref.valid, ref.band_valid,
                                     ref.pixel_scale, ref.wcs))
     good.append(files)
-  if problems:
-    lines = _problem_lines(problems)
-    if not skip_invalid:
-      raise BuildError(f'{len(lines)} invalid tile file(s); fix them or pass --skip-invalid '
-                       'to build without them', lines)
-    report.problems = lines
-    report.n_invalid = len(lines)
+  report.problems = _problem_lines(problems)
+  report.n_invalid = len(report.problems)
   report.n_ok = len(good)
-  if sum(t.n_chips for t in skies) == 0:
-    raise BuildError(f'no usable chip of {options.chip_px} px in {len(good)} valid tile '
-                     f'pair(s) ({", ".join(str(d) for d in dirs.values())})')
-  regions = split_lib.sky_regions(skies, options.min_overlap_px)
-  splits = split_lib.assign_splits(regions, np.array([t.n_chips for t in skies]),
-                                   options.val_fraction, options.split_seed)
-  plan = {s: [(good[i], int(regions[i]), skies[i].n_chips) for i in range(len(good))
-              if splits[i] == s and skies[i].n_chips] for s in SPLITS}
-  plan = {s: v for s, v in plan.items() if v}
-  for s, items in plan.items():
-    report.n_chips[s] = sum(n for _, _, n in items)
-    report.n_regions[s] = len({r for _, r, _ in items})
-  if 'validation' not in plan and options.val_fraction > 0:
-    log('note: a single sky region (all tiles overlap, or one tile): no validation split')
-  return BuildPlan(registry, options, instruments, plan, report, truth, wcs)
+  return report, good, skies, max_side
 
 
 @dataclasses.dataclass
@@ -442,7 +463,7 @@ def build_dataset(dirs: Mapping[str, str | os.PathLike], data_dir: str | os.Path
                   options: ChipOptions = ChipOptions(), *, skip_invalid: bool = False,
                   truth: TruthIndex | None = None, wcs: Mapping[str, object] | None = None,
                   extra_files: Mapping[str, str] | None = None, overwrite: bool = False,
-                  progress: bool = True, source: str = '',
+                  fit_chip: bool = False, progress: bool = True, source: str = '',
                   log: Callable[[str], None] = lambda s: None) -> BuildReport:
   """Builds `<data_dir>/<name>/<VERSION>` from per-instrument tile folders.
 
@@ -453,6 +474,7 @@ def build_dataset(dirs: Mapping[str, str | os.PathLike], data_dir: str | os.Path
       truth catalog of a simulated field).
     skip_invalid: skip bad tiles (counted in the report) instead of failing.
     overwrite: replace an existing dataset of that name and version.
+    fit_chip: shrink the chip when every tile is smaller (see `plan_build`).
 
   Raises:
     BuildError / UserError: bad input (see `plan_build`), or the dataset exists and
@@ -465,9 +487,10 @@ def build_dataset(dirs: Mapping[str, str | os.PathLike], data_dir: str | os.Path
   if final.exists() and not overwrite:
     raise UserError(f'{final}: dataset already built; pass --overwrite to replace it')
   plan = plan_build(dirs, registry, options, skip_invalid=skip_invalid, truth=truth, wcs=wcs,
-                    progress=progress, log=log)
+                    fit_chip=fit_chip, progress=progress, log=log)
   report = plan.report
   registry = plan.registry
+  options = plan.options
   metadata = dict(
       registry=registry.to_dicts(), instruments=plan.instruments, chip_px=options.chip_px,
       chip_arcsec=options.chip_px * max(registry.pixel_scale(i) for i in plan.instruments),

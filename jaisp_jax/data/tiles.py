@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import re
 import warnings
@@ -200,6 +201,9 @@ def read_tile(path: PathLike, instrument: str, registry: BandRegistry | None = N
   path = pathlib.Path(path)
   bands = registry.instrument_bands(instrument)
   if not path.is_file():
+    if path.is_symlink() and not path.exists():
+      raise TileError(path, f'broken symbolic link (target {os.readlink(path)} is missing, or '
+                      'the link loops)')
     raise TileError(path, 'file does not exist' if not path.exists() else 'not a regular file')
   notes: list[str] = []
   lower = path.name.lower()
@@ -630,7 +634,8 @@ class TilePair:
 
 def list_tile_files(folder: PathLike) -> tuple[dict[str, pathlib.Path], list[TileError],
                                                list[pathlib.Path]]:
-  """Tile files of one folder: (name -> path, duplicate-name problems, ignored files).
+  """Tile files of one folder: (name -> path, problems (duplicate or non-UTF-8 names),
+  ignored files). A broken symlink named like a tile is listed (`read_tile` reports it).
 
   Raises:
     TileError: the folder is missing, not a folder, or holds no tile file.
@@ -648,7 +653,15 @@ def list_tile_files(folder: PathLike) -> tuple[dict[str, pathlib.Path], list[Til
     raise TileError(folder, f'cannot list the folder ({e.strerror or e})') from None
   for p in entries:
     name = tile_name(p)
-    if name is None or not p.is_file():
+    if name is not None and _not_utf8(name):
+      # Tile names are stored as text in the dataset (record ids): such a name would
+      # pass here and crash the build while it writes.
+      problems.append(TileError(p, 'file name is not valid UTF-8; rename the file (and its '
+                                'partners in the other folders)'))
+      continue
+    # A broken link named like a tile is listed, so that `read_tile` reports it, rather
+    # than ignored (which would blame its partners for being unpaired).
+    if name is None or not (p.is_file() or (p.is_symlink() and not p.exists())):
       if not p.name.startswith('.'):
         ignored.append(p)
       continue
@@ -661,6 +674,15 @@ def list_tile_files(folder: PathLike) -> tuple[dict[str, pathlib.Path], list[Til
     raise TileError(folder, f'no tile files ({", ".join("*" + s for s in TILE_SUFFIXES)}) '
                     'in this folder')
   return files, problems, ignored
+
+
+def _not_utf8(name: str) -> bool:
+  """Whether a file name held bytes that are not UTF-8 (decoded as lone surrogates)."""
+  try:
+    name.encode('utf-8')
+  except UnicodeEncodeError:
+    return True
+  return False
 
 
 def find_tile_pairs(dirs: Mapping[str, PathLike], registry: BandRegistry | None = None,
