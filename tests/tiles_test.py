@@ -175,6 +175,24 @@ def test_zero_negative_and_nonfinite_rms_are_masked_and_reported(tmp_path):
           in ' '.join(tile.warnings))
 
 
+def test_blank_markers_beyond_1e18_are_masked_like_nan(tmp_path):
+  # Some pipelines write -1e30 (or float32's max) for "no data": finite, but its square
+  # overflows float32 in any residual, so it must not reach training as a pixel value.
+  image, rms = arrays(6, H)
+  image[0, 1, 1], image[0, 1, 2] = -1e30, np.finfo(np.float32).max
+  image[3, 0, 0] = 5e17                     # bright, but still a number: kept
+  rms[5, 2, 2] = 1e30
+  tile = tiles.read_tile(write_npz(tmp_path / 't.npz', image, rms), 'rubin')
+  np.testing.assert_array_equal(tile.n_bad_image, [2, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(tile.n_bad_rms, [0, 0, 0, 0, 0, 1])
+  assert not tile.valid[0, 1, 1:3].any() and not tile.valid[5, 2, 2]
+  assert tile.valid[3, 0, 0] and tile.image[3, 0, 0] == np.float32(5e17)
+  assert np.abs(tile.image).max() <= 1e18 and tile.rms.max() <= 1e18
+  assert any(w.startswith('rubin_u: 2 image pixel(s) beyond +-1e+18 (blank markers)')
+             for w in tile.warnings), tile.warnings
+  assert 'rubin_y: 1 rms pixel(s) masked (1 above 1e+18 (blank markers)' in ' '.join(tile.warnings)
+
+
 def test_band_entirely_masked_is_flagged_missing(tmp_path):
   image, rms = arrays(4, 2 * H)
   image[3] = np.nan

@@ -9,7 +9,7 @@ and its problem(s) (exit 1). A missing or empty folder, or a bad flag, is exit 2
         --euclid-dir data/euclid_tiles_ecdfs
     python -m jaisp_jax.data.check --dir rubin=R --dir euclid=E --dir hst=H --bands bands.json
 
-Masked pixels (NaN/Inf image, rms <= 0 or non-finite) and masked bands are warnings:
+Masked pixels (NaN/Inf or blank-marker image, bad rms) and masked bands are warnings:
 reported, and errors only with --strict. Unpaired tiles are errors unless
 --allow-unpaired, which skips and reports them. Pixels are not kept: per-band
 statistics are accumulated tile by tile, so thousands of tiles scan in bounded memory.
@@ -52,7 +52,7 @@ class BandStats:
   name: str
   n_tiles: int = 0
   n_pixels: int = 0
-  n_bad_image: int = 0        # NaN/Inf image pixels
+  n_bad_image: int = 0        # NaN/Inf or blank-marker image pixels
   n_bad_rms: int = 0          # rms zero, negative or non-finite
   n_masked: int = 0           # union of the two
   n_tiles_missing: int = 0    # tiles where the band is flagged missing
@@ -163,7 +163,7 @@ class ValidationReport:
       lines.append(f'{inst}: {st.n_tiles} tiles in {st.folder}, {len(st.bands)} bands, '
                    f'{st.pixel_scale:g}"/px, shapes {shapes or "-"}, dtypes {dtypes or "-"}, '
                    f'WCS in {st.n_with_wcs}')
-      lines.append(f'  {"band":<12} {"NaN/Inf":>9} {"bad rms":>9} {"masked":>9} '
+      lines.append(f'  {"band":<12} {"bad image":>9} {"bad rms":>9} {"masked":>9} '
                    f'{"missing":>8} {"median rms":>11}')
       for b in st.bands:
         frac = lambda n, b=b: f'{n / b.n_pixels:.3%}' if b.n_pixels else '-'  # noqa: E731

@@ -28,7 +28,8 @@ Accepted file formats (anything else is a `TileError` naming the file):
 
 Integer, float16 and float64 arrays are accepted and converted to float32 (noted).
 Invalid pixels, i.e. a NaN/Inf image value or an rms that is zero, negative or
-non-finite, are not errors: they are counted, reported as warnings, and masked
+non-finite, and values beyond +-1e18 in either (blank markers such as -1e30 or
+3e38: their squares overflow float32), are not errors: they are counted, reported as warnings, and masked
 (``valid`` False, image and rms set to 0), so readers only ever return finite arrays
 and one bad pixel cannot poison training. A band whose pixels are all masked is
 reported and flagged missing in that tile (``band_valid`` False) so that it is never
@@ -100,8 +101,8 @@ class InstrumentTile:
     band_valid: (C,) bool; False for a band with no usable pixel in this tile, which
       must then never be sampled as a view of this tile.
     wcs: celestial `astropy.wcs.WCS` of the (H, W) pixel grid, or None.
-    n_bad_image: (C,) int64, NaN/Inf image pixels per band.
-    n_bad_rms: (C,) int64, rms pixels that are zero, negative or non-finite.
+    n_bad_image: (C,) int64, NaN/Inf or blank-marker (|value| > 1e18) image pixels per band.
+    n_bad_rms: (C,) int64, rms pixels that are zero, negative, non-finite or > 1e18.
     source_dtype: dtype of the image as stored in the file.
     notes: informational findings (dtype conversion, cropping).
     warnings: data-quality findings (masked pixels, masked bands); `check --strict`
@@ -453,15 +454,22 @@ def _as_float32(a: np.ndarray, key: str, path: pathlib.Path, notes: list[str]) -
 
 # Smallest usable rms: 1 / _RMS_MIN**2 = 1e38, below float32's 3.4e38.
 _RMS_MIN = 1e-19
+# Largest usable |image| and rms: larger values are blank markers (-1e30, 3e38), not
+# data (a real pixel is far below 1e18 in any flux unit), and their squares overflow
+# float32 in any residual or variance downstream.
+_VALUE_MAX = 1e18
 
 
 def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dtype, notes,
           min_band_valid_fraction) -> InstrumentTile:
   """Counts and masks invalid pixels; flags bands with no (or too few) usable pixels."""
-  bad_image = ~np.isfinite(image)                      # (C, H, W)
+  nonfinite = ~np.isfinite(image)                      # (C, H, W)
+  with np.errstate(invalid='ignore'):
+    blank = np.abs(image) > _VALUE_MAX                 # (C, H, W), False where NaN
+  bad_image = nonfinite | blank
   # rms below ~1e-19 is positive but its weight 1/rms^2 overflows float32 (inf): such a
   # pixel would dominate (or poison) every weighted sum, so it is masked like rms <= 0.
-  rms_ok = np.isfinite(rms) & (rms >= _RMS_MIN)        # (C, H, W)
+  rms_ok = np.isfinite(rms) & (rms >= _RMS_MIN) & (rms <= _VALUE_MAX)  # (C, H, W)
   valid = ~bad_image & rms_ok
   n_bad_image = bad_image.sum(axis=(1, 2))
   n_bad_rms = (~rms_ok).sum(axis=(1, 2))
@@ -473,15 +481,21 @@ def _mask(path, instrument, band_names, pixel_scale, image, rms, wcs, source_dty
     image = np.where(valid, image, np.float32(0))
     rms = np.where(valid, rms, np.float32(0))
     for c, name in enumerate(band_names):
-      if n_bad_image[c]:
-        warns.append(f'{name}: {n_bad_image[c]} NaN/Inf image pixel(s) '
-                     f'({n_bad_image[c] / n_pix:.2%}) masked')
+      n_nonfinite, n_blank = int(nonfinite[c].sum()), int(blank[c].sum())
+      if n_nonfinite:
+        warns.append(f'{name}: {n_nonfinite} NaN/Inf image pixel(s) '
+                     f'({n_nonfinite / n_pix:.2%}) masked')
+      if n_blank:
+        warns.append(f'{name}: {n_blank} image pixel(s) beyond +-{_VALUE_MAX:g} (blank '
+                     f'markers) ({n_blank / n_pix:.2%}) masked')
       if n_bad_rms[c]:
         band_rms = rms_in[c]
         kinds = {'zero': int((band_rms == 0).sum()), 'negative': int((band_rms < 0).sum()),
                  'NaN/Inf': int((~np.isfinite(band_rms)).sum()),
                  f'below {_RMS_MIN:g} (1/rms^2 overflows)':
-                     int(((band_rms > 0) & (band_rms < _RMS_MIN)).sum())}
+                     int(((band_rms > 0) & (band_rms < _RMS_MIN)).sum()),
+                 f'above {_VALUE_MAX:g} (blank markers)':
+                     int((np.isfinite(band_rms) & (band_rms > _VALUE_MAX)).sum())}
         detail = ', '.join(f'{v} {k}' for k, v in kinds.items() if v)
         warns.append(f'{name}: {n_bad_rms[c]} rms pixel(s) masked ({detail}; '
                      f'{n_bad_rms[c] / n_pix:.2%} of the band)')
