@@ -7,9 +7,15 @@
     out['global']   # (B, D) global embedding
     out['weights']  # (B, 1, H, W) information map (where the sources are)
 
-`image` and `rms` are in any consistent flux unit (they are divided by the median
-rms); NaN/Inf pixels and non-positive rms are masked. H and W must be multiples of
-the band's stride (token size / pixel scale, e.g. 16 px for Rubin at 3.2").
+`image` and `rms` are real-valued arrays (NumPy of any float or int dtype and byte
+order, JAX arrays or nested lists) in any consistent flux unit: each sample is divided
+by its median valid rms on the host, in float64, before the float32 model sees it, so
+units whose values lie outside float32's range work too. NaN/Inf pixels and
+non-positive rms are masked (weight 0). H and W must be multiples of the band's
+stride (token size / pixel scale, e.g. 16 px for Rubin at 3.2", 32 px for Euclid);
+other sizes raise ValueError (crop or pad them). `band` is a registry name such as
+'rubin_r' or 'euclid_vis' (exact; an unknown name raises ValueError listing the known
+ones). Each sample's result does not depend on the others in the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import flax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import numpy as jnp
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax.cli import UserError, read_json
@@ -41,17 +48,64 @@ class Representation:
     self.model_config = ml_collections.FrozenConfigDict(config.model)
 
   def get_representation(self, image, rms, band: str) -> dict[str, np.ndarray]:
-    """{'tokens' (B, N, D), 'global' (B, D), 'weights' (B, 1, H, W)} of one band's images."""
+    """{'tokens' (B, N, D), 'global' (B, D), 'weights' (B, 1, H, W)} of one band's images.
+
+    N = (H / s) * (W / s) with s the band's stride; float32 NumPy arrays (see the
+    module docstring for the inputs). Also 'token_weights' (B, N), and the variant's
+    extras ('objects' for detr_jepa, 'embedding' for clip).
+    """
+    names = self.registry.names
+    if not isinstance(band, str):
+      raise TypeError(f'band must be a band name (str) such as {names[0]!r}, got '
+                      f'{type(band).__name__} {band!r}')
     if band not in self.registry:
-      raise ValueError(f'unknown band {band!r}; this model knows {", ".join(self.registry.names)}')
+      key = band.strip().lower()
+      near = [n for n in names if key in (n.lower(), n.lower().split('_', 1)[-1])]
+      hint = f' (did you mean {" or ".join(map(repr, near))}?)' if near else ''
+      raise ValueError(f'unknown band {band!r}{hint}; this model knows {", ".join(names)}')
+    image, rms = _real_array(image, 'image'), _real_array(rms, 'rms')
+    if image.ndim != 4 or image.shape[1] != 1 or rms.shape != image.shape:
+      raise ValueError(f'image and rms must both be (B, 1, H, W); got {image.shape} and '
+                       f'{rms.shape}')
+    image, rms = _noise_units(image, rms)
     try:
-      out = jaisp.get_representation({'params': self.params}, np.asarray(image, np.float32),
-                                     np.asarray(rms, np.float32), band, self.model_config,
-                                     self.registry)
+      out = jaisp.get_representation({'params': self.params}, image, rms, band,
+                                     self.model_config, self.registry)
     except flax.errors.ScopeParamShapeError as e:  # config.json edited apart from params
       raise ValueError(f'the bundle\'s config does not match its parameters: '
                        f'{str(e).splitlines()[0]}') from None
-    return {k: (np.asarray(v) if not isinstance(v, dict) else v) for k, v in out.items()}
+    return _to_numpy(out)
+
+
+def _real_array(x: Any, what: str) -> np.ndarray:
+  """`x` as a float64 NumPy array, or a clear error naming `what`."""
+  try:
+    a = np.asarray(x)
+  except (TypeError, ValueError) as e:  # e.g. ragged nested lists
+    raise ValueError(f'{what} must be a (B, 1, H, W) array of numbers: {e}') from None
+  if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)
+          or a.dtype == np.bool_):
+    raise TypeError(f'{what} must hold real numbers (float or int), got dtype {a.dtype}')
+  return a.astype(np.float64)
+
+
+def _noise_units(image: np.ndarray, rms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(B, 1, H, W) float64 image and rms divided by each sample's median valid rms, as float32.
+
+  The model divides by the median valid rms too (in float32, on the device); doing it
+  here first, in float64, keeps units whose values float32 cannot hold (or holds only
+  as denormals, which XLA flushes to zero) from being masked or lost. Invalid pixels
+  stay invalid (NaN/Inf or rms <= 0), so the model masks the same pixels.
+  """
+  valid = np.isfinite(image) & np.isfinite(rms) & (rms > 0)
+  med = np.array([np.median(r[v]) if v.any() else 1.0 for r, v in zip(rms, valid)])
+  med = med.reshape(-1, 1, 1, 1)
+  with np.errstate(over='ignore', under='ignore'):  # beyond float32: inf / 0, masked
+    return (image / med).astype(np.float32), (rms / med).astype(np.float32)
+
+
+def _to_numpy(tree: dict) -> dict:
+  return {k: _to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
 
 
 def from_params(params: Any, config: ml_collections.ConfigDict,

@@ -136,3 +136,98 @@ def test_x64_mode_solves_float64_exactly_and_float32_mode_warns_for_float64():
   assert len(np.asarray(ci)) == 6
   with pytest.warns(UserWarning, match='float64 costs are solved in float32'):
     matching.linear_sum_assignment(cost)
+
+
+@pytest.mark.parametrize('maximize', [False, True])
+def test_eager_refuses_what_scipy_refuses_and_accepts_feasible_forbidden_pairs(maximize):
+  forbid = -np.inf if maximize else np.inf
+  bad = np.inf if maximize else -np.inf  # scipy's invalid infinity for this direction
+  rng = np.random.default_rng(8)
+  refused = {
+      'NaN': np.where(np.eye(4, 5, 1) > 0, np.nan, rng.random((4, 5))),
+      'invalid inf': np.where(np.eye(4, 5) > 0, bad, rng.random((4, 5))),
+      'forbidden row': np.vstack([np.full((1, 5), forbid), rng.random((3, 5))]),
+      'forbidden column (tall)': np.hstack([np.full((3, 1), forbid), np.ones((3, 1))]),
+      'all forbidden 1x1': np.full((1, 1), forbid),
+      'two rows need one column': np.array([[1.0, forbid, forbid], [2.0, forbid, forbid]]),
+  }
+  for name, cost in refused.items():
+    cost = cost.astype(np.float32)
+    with pytest.raises(ValueError):  # scipy refuses it ...
+      scipy.optimize.linear_sum_assignment(cost, maximize=maximize)
+    with pytest.raises(ValueError, match='invalid numeric entries|infeasible'):  # ... and so do we
+      matching.linear_sum_assignment(cost, maximize=maximize)
+  # Forbidden pairs with a feasible all-finite assignment: scipy's optimum, no error.
+  cost = rng.random((6, 6)).astype(np.float32)
+  cost[rng.random((6, 6)) < 0.4] = forbid
+  np.fill_diagonal(cost, 0.5)
+  r, c = map(np.asarray, matching.linear_sum_assignment(cost, maximize=maximize))
+  sr, sc = scipy.optimize.linear_sum_assignment(cost, maximize=maximize)
+  assert np.all(np.isfinite(cost[r, c]))
+  np.testing.assert_allclose(cost[r, c].sum(), cost[sr, sc].sum(), rtol=1e-6)
+
+
+def test_eager_infeasible_batch_names_the_matrix_and_traced_returns_a_detectable_answer():
+  costs = np.random.default_rng(9).random((3, 4, 4)).astype(np.float32)
+  costs[2, :, 1:] = np.inf  # matrix 2: four rows, one allowed column
+  with pytest.raises(ValueError, match=r'infeasible \(matrix \(2,\) of the batch\)'):
+    matching.linear_sum_assignment(costs)
+  # Under jit it cannot raise: a valid assignment, flagged by its non-finite cost.
+  r, c = map(np.asarray, jax.jit(matching.linear_sum_assignment)(costs))
+  for b in range(3):
+    _check_contract(costs[b], r[b], c[b])
+  finite = [bool(np.isfinite(costs[b][r[b], c[b]]).all()) for b in range(3)]
+  assert finite == [True, True, False]
+
+
+@pytest.mark.parametrize('cost', [
+    np.array([[3_000_000_000, 0, 5], [0, 3_000_000_000, 7], [1, 2, 3]], np.int64),
+    np.array([[-128, 2], [3, 4]], np.int8),
+    np.array([[0, 255], [255, 254]], np.uint8),
+    np.array([[True, False, False], [False, True, True]]),
+])
+@pytest.mark.parametrize('maximize', [False, True])
+def test_integer_and_bool_costs_never_wrap(cost, maximize):
+  # int64 beyond int32 (JAX would wrap it to int32), -int8(-128) and -uint8 (wrap when
+  # negated for maximize), -bool (undefined): scipy's optimum, eagerly and under jit.
+  sr, sc = scipy.optimize.linear_sum_assignment(cost, maximize=maximize)
+  want = cost.astype(np.float64)[sr, sc].sum()
+  r, c = map(np.asarray, matching.linear_sum_assignment(cost, maximize=maximize))
+  assert cost.astype(np.float64)[r, c].sum() == want
+  if cost.dtype != np.int64:  # jnp.asarray itself wraps int64 without jax_enable_x64
+    solve = jax.jit(lambda x: matching.linear_sum_assignment(x, maximize=maximize))
+    r, c = map(np.asarray, solve(jnp.asarray(cost)))
+    assert cost.astype(np.float64)[r, c].sum() == want
+
+
+def test_costs_near_float32_max_with_forbidden_pairs_stay_optimal():
+  # The forbidden fill (2 k max|cost| + 1) overflowed to inf here: suboptimal answers,
+  # even ones that used a forbidden pair.
+  rng = np.random.default_rng(10)
+  solve = jax.jit(matching.linear_sum_assignment)
+  checked = 0
+  for n, m in [(4, 4), (6, 6), (3, 5), (5, 3)] * 10:
+    cost = (rng.uniform(-1, 1, (n, m)) * 3e38).astype(np.float32)
+    cost[rng.random(cost.shape) < 0.3] = np.inf
+    try:
+      sr, sc = scipy.optimize.linear_sum_assignment(cost)
+    except ValueError:  # infeasible
+      continue
+    r, c = map(np.asarray, solve(cost))
+    c64 = cost.astype(np.float64)
+    assert np.all(np.isfinite(cost[r, c]))
+    np.testing.assert_allclose(c64[r, c].sum(), c64[sr, sc].sum(), rtol=1e-5)
+    checked += 1
+  assert checked >= 30
+
+
+def test_non_numeric_costs_are_a_type_error_and_eager_calls_compile_once():
+  for bad in (np.array([[1 + 1j, 2], [3, 4]]), np.array([['a', 'b'], ['c', 'd']])):
+    with pytest.raises(TypeError, match='cost must hold real numbers'):
+      matching.linear_sum_assignment(bad)
+  rng = np.random.default_rng(11)
+  matching.linear_sum_assignment(rng.random((7, 3)).astype(np.float32))
+  size = matching._solve._cache_size()
+  for _ in range(3):  # eager calls reuse the compiled solver (they used to recompile)
+    matching.linear_sum_assignment(rng.random((7, 3)).astype(np.float32))
+  assert matching._solve._cache_size() == size

@@ -29,6 +29,7 @@ entropic plan is neither a permutation nor scipy's answer.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -51,8 +52,13 @@ def _sanitise(cost: jax.Array) -> jax.Array:
   cost = cost.astype(dtype)
   finite = jnp.isfinite(cost)
   big = jnp.max(jnp.where(finite, jnp.abs(cost), 0.0))
+  # Huge costs are scaled by a power of two (exact) to max|finite| <= 2**64, so that
+  # the fill and the duals cannot overflow; costs below 2**64 are left as they are.
+  shift = jnp.maximum(jnp.frexp(big)[1] - 64, 0)
+  scale = jnp.ldexp(jnp.ones((), dtype), -shift)
+  cost, big = cost * scale, big * scale
   fill = 2.0 * min(cost.shape) * big + 1.0
-  return jnp.where(finite, cost, fill)
+  return jnp.where(finite, cost, fill).astype(dtype)
 
 
 def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -184,6 +190,8 @@ def _assign(cost: jax.Array, maximize: bool) -> tuple[jax.Array, jax.Array, jax.
   if k == 0:
     empty = jnp.zeros((0,), jnp.int32)
     return empty, empty, jnp.int32(0)
+  # Float before negating: -uint8, -int8(-128) would wrap and -bool is not defined.
+  cost = cost.astype(jnp.result_type(cost.dtype, jnp.float32))
   cost = _sanitise(-cost if maximize else cost)
   if n <= m:
     col4row, it = _solve_wide(cost)
@@ -207,8 +215,16 @@ def linear_sum_assignment(cost: jax.Array, maximize: bool = False
       (without it JAX holds a float64 array as float32, so costs that differ only
       below float32's ~1e-7 relative precision can give a costlier assignment than
       scipy's: a float64 NumPy input then warns). Integer costs: exact below 2**24.
-      Non-finite entries are treated as forbidden (see `_sanitise`); if every
-      assignment needs one, some assignment is still returned (scipy would raise).
+      Costs below float32's smallest normal (~1.2e-38) are flushed to zero by XLA
+      (rescale such costs first).
+      Non-finite entries, as in scipy: +inf (-inf if ``maximize``) marks a forbidden
+      pair; called on concrete arrays it raises ValueError, as scipy does, on NaN or
+      -inf (+inf if ``maximize``) entries and when every assignment needs a forbidden
+      pair ('cost matrix is infeasible'). Traced (under jit / vmap) it cannot raise:
+      every non-finite entry is then treated as forbidden (see `_sanitise`) and an
+      infeasible matrix still gets a valid assignment that uses some; detect it with
+      ``~jnp.isfinite(cost[..., row_ind, col_ind]).all(-1)``. Complex or non-numeric
+      costs raise TypeError.
     maximize: maximise the total instead.
 
   Returns:
@@ -221,9 +237,43 @@ def linear_sum_assignment(cost: jax.Array, maximize: bool = False
     warnings.warn('linear_sum_assignment: float64 costs are solved in float32 (enable '
                   'jax_enable_x64 for float64); near-equal costs may then be matched '
                   'suboptimally', stacklevel=2)
-  cost = jnp.asarray(cost)
-  if cost.ndim < 2:
-    raise ValueError(f'cost must be (..., n, m), got shape {cost.shape}')
+  host = None if isinstance(cost, jax.core.Tracer) else np.asarray(cost)
+  dtype = np.dtype(cost.dtype if host is None else host.dtype)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+          or dtype == np.bool_):
+    raise TypeError(f'linear_sum_assignment: cost must hold real numbers (float, int or '
+                    f'bool), got dtype {dtype}')
+  if np.ndim(cost) < 2:
+    raise ValueError(f'cost must be (..., n, m), got shape {np.shape(cost)}')
+  floating = host is not None and jnp.issubdtype(dtype, jnp.floating)
+  if floating:
+    invalid = np.isnan(host) | (host == (np.inf if maximize else -np.inf))
+    if invalid.any():
+      where = tuple(int(i) for i in np.argwhere(invalid)[0])
+      raise ValueError(f'linear_sum_assignment: cost matrix contains invalid numeric entries '
+                       f'(NaN or {"+" if maximize else "-"}inf), e.g. at index {where}; '
+                       f'{"-" if maximize else "+"}inf marks a forbidden pair')
+  if host is not None and not floating:
+    cost = host.astype(np.float64)  # JAX would wrap int64 beyond int32's range
+  row_ind, col_ind = _solve(jnp.asarray(cost), maximize)
+  if floating and not np.isfinite(host).all():
+    rows, cols = np.asarray(row_ind), np.asarray(col_ind)
+    picked = np.take_along_axis(np.take_along_axis(host, rows[..., None], -2),
+                                cols[..., None], -1)[..., 0]  # (..., k)
+    infeasible = ~np.isfinite(picked).all(-1)
+    if infeasible.any():
+      which = (f' (matrix {tuple(int(i) for i in np.argwhere(infeasible)[0])} of the batch)'
+               if infeasible.ndim else '')
+      raise ValueError(f'linear_sum_assignment: cost matrix is infeasible{which}: every '
+                       f'assignment of {min(host.shape[-2:])} pairs uses a forbidden (inf) '
+                       f'entry')
+  return row_ind, col_ind
+
+
+@functools.partial(jax.jit, static_argnames=('maximize',))
+def _solve(cost: jax.Array, maximize: bool) -> tuple[jax.Array, jax.Array]:
+  # jit here so that eager calls hit a compile cache (the while_loop's body closes over
+  # per-call values, so un-jitted calls recompiled it every time); inlined under jit.
   fn = lambda c: _assign(c, maximize)[:2]  # noqa: E731
   for _ in range(cost.ndim - 2):
     fn = jax.vmap(fn)
