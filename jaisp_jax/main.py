@@ -18,6 +18,7 @@ and --process_id; CPU processes then use gloo collectives.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # Quiet TensorFlow's C++ start-up chatter (TF is imported by TFDS and clu's writer).
@@ -86,6 +87,12 @@ def _main(argv):
   _init_distributed()
   workdir = _WORKDIR.value
   if _MODE.value == 'train':
+    # Ctrl-C outside the loop's polite stop (there a first one saves and stops): during
+    # start-up, or a second one while that save runs, or during the final evaluation (the
+    # last checkpoint is complete by then). A KeyboardInterrupt would surface as tracebacks
+    # from orbax's interrupted threads; a save cut short leaves only a temporary folder,
+    # which the next run ignores and removes.
+    signal.signal(signal.SIGINT, _stop_at_once)
     from jaisp_jax.train import loop  # pylint: disable=g-import-not-at-top
     loop.train_and_evaluate(config, workdir)
   elif _MODE.value == 'evaluate':
@@ -96,6 +103,13 @@ def _main(argv):
       raise cli.UserError('--mode=export needs --export_dir')
     from jaisp_jax.train import export  # pylint: disable=g-import-not-at-top
     export.export(config, workdir, _EXPORT_DIR.value)
+
+
+def _stop_at_once(signum, frame):
+  del signum, frame
+  print('jaisp_jax.main: interrupted', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130)  # pylint: disable=protected-access
 
 
 def _config_problem(argv, error: Exception) -> str:
@@ -111,6 +125,9 @@ def _config_problem(argv, error: Exception) -> str:
     elif arg.startswith('--config.'):
       overrides.append(arg)
   if spec:
+    if os.path.isdir(configs.split_spec(spec)[0]):
+      return (f'--config={spec}: {configs.split_spec(spec)[0]} is a folder, not a config file '
+              '(expected e.g. configs/jepa.py:smoke)')
     try:
       configs.load_config(spec, overrides)
     except cli.UserError as e:
@@ -138,6 +155,10 @@ def main():
     except cli.UserError as e:
       print(f'jaisp_jax.main: error: {e}', file=sys.stderr)
       sys.exit(cli.EXIT_USAGE)
+    except KeyboardInterrupt:  # Ctrl-C in --mode=evaluate or export: one line, no traceback
+      # (their `finally`s have run; the interpreter's shutdown with TF's threads mid-work
+      # once ended in a segfault, so it is skipped as in training)
+      _stop_at_once(signal.SIGINT, None)
   app.run(run, flags_parser=_parse_flags)
 
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaisp_jax.cli import ConfigError
 from jaisp_jax.train import checkpoint as ckpt_lib
 from jaisp_jax.train import loop
 from jaisp_jax.train import sharding
@@ -180,6 +181,7 @@ def test_shape_changing_config_on_old_workdir_fails_cleanly(reference_run):
     ('--config.log_every=0', 'config.log_every must be an integer >= 1, got 0'),
     ('--config.total_steps=-3', 'config.total_steps must be an integer >= 0, got -3'),
     ('--config.data.pairs_per_batch=0', 'config.data.pairs_per_batch must be an integer >= 1'),
+    ('--config.data.chips_per_batch=-1', 'config.data.chips_per_batch must be an integer >= 0'),
 ])
 def test_unusable_config_values_are_one_line_errors_before_anything_is_written(
     tmp_path, flag, match):
@@ -187,6 +189,24 @@ def test_unusable_config_values_are_one_line_errors_before_anything_is_written(
   p = run_main(str(workdir), flag, check=False)
   assert p.returncode == 2 and match in p.stderr and 'Traceback' not in p.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'model.trunk.num_heads': 3}, 'cannot build the model: width 32 is not divisible by 3 heads'),
+    ({'model.stem.kind': 'nosuch'}, "cannot build the model: unknown stem kind 'nosuch'"),
+    ({'eval.query_band': 'nosuch'}, "config.eval: band 'nosuch' is not in the band registry"),
+    ({'loss.weight_mode': 'nosuch'}, 'cannot build the train step: weight_mode must be one of'),
+])
+def test_config_values_the_model_or_step_cannot_use_are_config_errors(tmp_path, overrides, match):
+  # Raised as ValueErrors inside the trace (a traceback on the command line) or, for the
+  # eval band, only by the final evaluation, after all the training.
+  workdir = tmp_path / 'w'
+  with pytest.raises(ConfigError, match=re.escape(match)):
+    loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
+  if 'loss.weight_mode' in overrides:  # traced by the first step: nothing was saved
+    assert not os.listdir(workdir / 'checkpoints')
+  else:  # found before the run directory is made
+    assert not workdir.exists()
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_a_one_line_error(tmp_path):
@@ -233,6 +253,38 @@ def test_export_refuses_the_workdir_and_a_folder_that_is_not_a_bundle(reference_
   p = run_main(workdir, '--mode=export', f'--export_dir={other}', check=False)
   assert p.returncode == 2 and 'not a jaisp-jax bundle' in p.stderr
   assert os.listdir(other) == ['precious.txt']
+
+
+def test_export_dir_under_a_file_is_a_one_line_error(reference_run, tmp_path):
+  (tmp_path / 'notes').write_text('keep me')
+  p = run_main(reference_run[0], '--mode=export', f'--export_dir={tmp_path / "notes" / "b"}',
+               check=False)
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-1500:]
+  assert f'{tmp_path / "notes"} is not a folder' in p.stderr
+  assert os.listdir(tmp_path) == ['notes']
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_without_a_traceback_and_the_run_resumes(tmp_path):
+  workdir = str(tmp_path / 'w')
+  cmd = main_cmd(workdir, '--config.total_steps=100000', '--config.log_every=1000')
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while (not os.path.isdir(os.path.join(workdir, 'checkpoints', '6')) and p.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.05)
+  assert p.poll() is None, p.communicate()[1][-2000:]
+  p.send_signal(signal.SIGINT)
+  time.sleep(0.05)  # the first one is handled (a checkpoint is being saved) ...
+  p.send_signal(signal.SIGINT)  # ... and the second stops at once, save or no save
+  _, err = p.communicate(timeout=300)
+  assert 'Traceback' not in err and 'Error' not in err, err[-2000:]
+  assert (p.returncode == 130 and 'jaisp_jax.main: interrupted' in err) or (
+      p.returncode == 0 and 'SIGINT: saved a checkpoint' in err), (p.returncode, err[-2000:])
+  # Whatever the second Ctrl-C cut short, the run resumes, and no partial save is left.
+  run_main(workdir, '--config.total_steps=20')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int)[-1] == '20'
 
 
 def test_export_restores_in_a_fresh_process(reference_run, tmp_path):

@@ -58,11 +58,20 @@ def _shape_mismatches(saved: Any, expected: Any, limit: int = 5) -> list[str]:
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs under `workdir`."""
 
-  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    """`cleanup_tmp`: delete the temporary folders of saves that a killed run left behind
+    (orbax does it in the background, finished before the first save; only the run that
+    trains may ask: another process's save may still be in flight)."""
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+      # orbax would train on and then hang for minutes at the first save.
+      raise CheckpointError(f'{self.directory}: exists and is not a folder; checkpoints '
+                            'cannot be kept there (move it aside or use another --workdir)')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, save_every),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=cleanup_tmp)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'data'))
 
@@ -97,7 +106,8 @@ class Checkpointer:
           epath.Path(os.path.join(where, 'state'))))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'{where}: cannot read the checkpoint metadata '
-                            f'({type(e).__name__}: {e}); it may be corrupted') from None
+                            f'({type(e).__name__}: {_first_line(e)}); it may be corrupted'
+                            f'{self._fallback(step)}') from None
     problems = _shape_mismatches(saved, abstract_state)
     if problems:
       raise CheckpointError(
@@ -110,10 +120,16 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'{where}: restore failed ({type(e).__name__}: '
-                            f'{str(e).splitlines()[0] if str(e) else ""}); the checkpoint '
-                            f'may be corrupted or from an incompatible version') from None
+      raise CheckpointError(f'{where}: restore failed ({type(e).__name__}: {_first_line(e)}); '
+                            'the checkpoint may be corrupted or from an incompatible version'
+                            f'{self._fallback(step)}') from None
     return restored['state']
+
+  def _fallback(self, step: int) -> str:
+    """What to do about the unreadable checkpoint of `step` (it is never deleted here)."""
+    earlier = [s for s in self.all_steps() if s < step]
+    then = f'resume from step {max(earlier)}' if earlier else 'start afresh'
+    return f'. Move that folder out of {self.directory} to {then}'
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -121,6 +137,14 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of `error`'s message, without TensorStore's dump of its spec."""
+  line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  for spec in (' [tensorstore_spec=', ' See full TensorStore details'):
+    line = line.split(spec)[0]
+  return line
 
 
 def _as_tree(metadata: Any) -> Any:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import UserError, check_output_folder
 from jaisp_jax.models import jaisp
 from jaisp_jax.train import checkpoint as ckpt_lib
 
@@ -35,6 +35,7 @@ def check_target(export_dir: str):
   """Refuses an `export_dir` that writing a bundle would destroy: a file, or a folder that
   is neither empty nor a previous bundle (a bundle is replaced; anything else is kept)."""
   if not os.path.lexists(export_dir):
+    check_output_folder(export_dir, '--export_dir')  # e.g. a path under a regular file
     return
   if not os.path.isdir(export_dir) or os.path.islink(export_dir):
     raise UserError(f'{export_dir}: exists and is not a folder; refusing to replace it with '

@@ -17,6 +17,7 @@ Order of events:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from jaisp_jax.models import jaisp
 from jaisp_jax.train import checkpoint as ckpt_lib
 from jaisp_jax.train import online_eval
 from jaisp_jax.train import reporting
+from jaisp_jax.train import trainer as trainer_lib
 from jaisp_jax.train.trainer import Trainer  # also reached as loop.Trainer by callers
 
 
@@ -113,7 +115,7 @@ class _Preemption:
 # step, a negative total_steps to "finish" at once).
 _MINIMA = {'total_steps': 0, 'log_every': 1, 'checkpoint_every': 1, 'keep_checkpoints': 1,
            'max_consecutive_skips': 1, 'profile_steps': 0, 'eval.every': 0,
-           'eval.max_chips': 1, 'data.pairs_per_batch': 1}
+           'eval.max_chips': 1, 'data.pairs_per_batch': 1, 'data.chips_per_batch': 0}
 
 
 def check_config(config: ml_collections.ConfigDict):
@@ -129,20 +131,27 @@ def check_config(config: ml_collections.ConfigDict):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it has a checkpoint); returns final figures."""
   check_config(config)
+  # The model is traced (abstract_state) and the eval bands checked before the workdir
+  # is made: a config that cannot build its model leaves nothing behind, and one whose
+  # held-out evaluation cannot run fails now, not after the training it would end.
+  trainer = Trainer(config)
+  registry = trainer.registry
+  abstract, shardings = trainer.abstract_state()
+  for band in (config.eval.query_band, config.eval.gallery_band):
+    if band not in registry:
+      raise ConfigError(f'config.eval: band {band!r} is not in the band registry '
+                        f'({", ".join(registry.names)})')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:  # a regular file, or a path under one
     raise UserError(f'--workdir {workdir}: cannot use it as the run directory '
                     f'({e.strerror or e})') from None
-  trainer = Trainer(config)
-  registry = trainer.registry
   _log(f'jaisp-jax: variant={config.model.variant} devices={jax.device_count()} '
        f'processes={jax.process_count()} mesh={dict(trainer.mesh.shape)} workdir={workdir}')
 
   data_iter = pipeline.make_iterator(config.data, registry, trainer.batch_sharding)
-  abstract, shardings = trainer.abstract_state()
   ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
-                               keep=config.keep_checkpoints)
+                               keep=config.keep_checkpoints, cleanup_tmp=True)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(abstract, data_iter, start)
@@ -196,7 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < config.total_steps:
       batch = next(data_iter)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = train_step(state, batch)
+        # Traced at the first call: a ValueError there is the config's (one line).
+        with (trainer_lib.config_errors('the train step') if step == start
+              else contextlib.nullcontext()):
+          state, metrics = train_step(state, batch)
         metrics = {**metrics, **usage(batch)}
       step += 1
       host = logger.push(step, metrics)
@@ -220,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return figures
 
   final = logger.flush()
+  writer.flush()  # an interrupted final evaluation loses none of the training's metrics
   ckpt.save(step, state, data_iter, force=True)
   ckpt.close()
   figures['train'] = final or logger.last

@@ -9,6 +9,7 @@ has only the JAX stack, grain and ml_collections (`python -m jaisp_jax.bench ste
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -16,7 +17,7 @@ import ml_collections
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax import xla_options
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import ConfigError, UserError
 from jaisp_jax.data import batch as batch_lib
 from jaisp_jax.data import pipeline
 from jaisp_jax.models import jaisp
@@ -35,6 +36,21 @@ def example_batch(config: ml_collections.ConfigDict, registry: bands_lib.BandReg
   if config.data.chips_per_batch > 0:
     batch['chips'] = batch_lib.synthetic_chips_batch(0, registry, 1, config.data.crop_arcsec)
   return batch
+
+
+@contextlib.contextmanager
+def config_errors(what: str):
+  """A ValueError raised while tracing `what` (the model or the step) for a config, such as an
+  unknown stem kind, a width its heads do not divide or a crop that is no whole number of
+  tokens, as a ConfigError: one line on the command line, not a traceback from inside the
+  trace. The ValueError stays chained as the cause for library callers."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except ValueError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'the config cannot build {what}: {first}') from e
 
 
 class Trainer:
@@ -64,7 +80,8 @@ class Trainer:
 
   def abstract_state(self):
     """(abstract state with shardings, shardings) without allocating anything."""
-    abstract = jax.eval_shape(self.init_state, jax.random.key(0))
+    with config_errors('the model'):
+      abstract = jax.eval_shape(self.init_state, jax.random.key(0))
     shardings = sharding.state_shardings(abstract, self.mesh, self.config.mesh.min_shard_size)
     with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abstract, shardings)
