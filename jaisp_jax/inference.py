@@ -159,6 +159,15 @@ def load(export_dir: str) -> Representation:
     raise UserError(f'{export_dir}/bands.json: not a band registry ({type(e).__name__}: '
                     f'{e})') from None
   manifest = read_json(os.path.join(export_dir, 'manifest.json'))
+  from jaisp_jax.train.export import FORMAT_VERSION  # pylint: disable=g-import-not-at-top
+  version = manifest.get('format_version', FORMAT_VERSION)
+  if (not isinstance(version, int) or isinstance(version, bool)
+      or not 1 <= version <= FORMAT_VERSION):
+    # A newer layout may hold the same file names with another meaning: refuse it
+    # rather than load something that only looks right.
+    raise UserError(f'{export_dir}/manifest.json: bundle format_version {version!r}; this '
+                    f'jaisp-jax reads format_version 1 to {FORMAT_VERSION} (upgrade '
+                    'jaisp-jax, or export the run again with this one)')
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(export_dir, 'params'))
   except Exception as e:  # pylint: disable=broad-except

@@ -62,6 +62,9 @@ def test_images_not_a_whole_number_of_tokens_are_refused_with_the_stride(
     ('bands.json', '{"a": 1}', 'expected a JSON array'),
     ('bands.json', '[{"name": "x"}]', 'not a band registry'),
     ('manifest.json', '', 'cannot read it as JSON'),
+    ('manifest.json', '{"format_version": 99}', 'bundle format_version 99; this jaisp-jax '
+                                                 'reads format_version 1 to 1'),
+    ('manifest.json', '{"format_version": "1"}', "bundle format_version '1'"),
 ])
 def test_a_corrupt_bundle_json_file_is_a_user_error_naming_it(tiny_bundle, tmp_path, name,
                                                               text, match):
