@@ -93,19 +93,25 @@ def run_until_checkpoint(workdir, step, sig):
   return p.returncode, err
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
-  # A long run, interrupted once it is surely inside the training loop (its third
-  # checkpoint exists): Ctrl-C (SIGINT) is as polite as SIGTERM.
-  workdir = str(tmp_path / 'w')
+def _long_run_at_checkpoint(workdir: str, step: int) -> subprocess.Popen:
+  """A long training run, returned once its checkpoint of `step` exists (so it is surely
+  inside the training loop), still running."""
   cmd = main_cmd(workdir, '--config.total_steps=100000', '--config.log_every=1000')
   p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
-  while (not os.path.isdir(os.path.join(workdir, 'checkpoints', '9')) and p.poll() is None
-         and time.time() < deadline):
+  while (not os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
+         and p.poll() is None and time.time() < deadline):
     time.sleep(0.05)
   assert p.poll() is None, p.communicate()[1][-2000:]
+  return p
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+  # Interrupted inside the training loop: Ctrl-C (SIGINT) is as polite as SIGTERM.
+  workdir = str(tmp_path / 'w')
+  p = _long_run_at_checkpoint(workdir, 9)
   p.send_signal(signal.SIGINT)
   _, err = p.communicate(timeout=300)
   assert p.returncode == 0 and 'Traceback' not in err, err[-2000:]
@@ -267,14 +273,7 @@ def test_export_dir_under_a_file_is_a_one_line_error(reference_run, tmp_path):
 @pytest.mark.slow
 def test_second_ctrl_c_stops_without_a_traceback_and_the_run_resumes(tmp_path):
   workdir = str(tmp_path / 'w')
-  cmd = main_cmd(workdir, '--config.total_steps=100000', '--config.log_every=1000')
-  p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 600
-  while (not os.path.isdir(os.path.join(workdir, 'checkpoints', '6')) and p.poll() is None
-         and time.time() < deadline):
-    time.sleep(0.05)
-  assert p.poll() is None, p.communicate()[1][-2000:]
+  p = _long_run_at_checkpoint(workdir, 6)
   p.send_signal(signal.SIGINT)
   time.sleep(0.05)  # the first one is handled (a checkpoint is being saved) ...
   p.send_signal(signal.SIGINT)  # ... and the second stops at once, save or no save
