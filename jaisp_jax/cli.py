@@ -29,6 +29,12 @@ EXIT_INVALID_INPUT = 1   # the input was read and found bad (e.g. `check` found 
 EXIT_USAGE = 2           # the command could not run (missing folder, bad flag value)
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of `error`'s message ('' if it has none), for one-line reports."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ''
+
+
 def read_json(path: str | os.PathLike, kind: type = dict):
   """The JSON file at `path`, whose top level must be a `kind` (dict or list).
 

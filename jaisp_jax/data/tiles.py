@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from jaisp_jax.bands import BandRegistry, default_registry
-from jaisp_jax.cli import UserError
+from jaisp_jax.cli import UserError, first_line
 
 if TYPE_CHECKING:
   from astropy.wcs import WCS
@@ -379,7 +379,7 @@ def _load_fits(path: pathlib.Path, instrument: str, registry: BandRegistry, note
 
 
 def _first_line(e) -> str:
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return first_line(e) or type(e).__name__
 
 
 def _fits_arrays(hdul, path, instrument, registry, notes):

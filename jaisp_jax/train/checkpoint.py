@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaisp_jax import cli
 from jaisp_jax.cli import UserError
 
 
@@ -141,7 +142,7 @@ class Checkpointer:
 
 def _first_line(error: Exception) -> str:
   """The first line of `error`'s message, without TensorStore's dump of its spec."""
-  line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  line = cli.first_line(error)
   for spec in (' [tensorstore_spec=', ' See full TensorStore details'):
     line = line.split(spec)[0]
   return line

@@ -17,7 +17,7 @@ import ml_collections
 
 from jaisp_jax import bands as bands_lib
 from jaisp_jax import xla_options
-from jaisp_jax.cli import ConfigError, UserError
+from jaisp_jax.cli import ConfigError, UserError, first_line
 from jaisp_jax.data import batch as batch_lib
 from jaisp_jax.data import pipeline
 from jaisp_jax.models import jaisp
@@ -49,8 +49,8 @@ def config_errors(what: str):
   except ConfigError:
     raise
   except ValueError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'the config cannot build {what}: {first}') from e
+    raise ConfigError(f'the config cannot build {what}: '
+                      f'{first_line(e) or type(e).__name__}') from e
 
 
 class Trainer:
